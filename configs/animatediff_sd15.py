@@ -1,0 +1,63 @@
+"""SD 1.5 + AnimateDiff motion modules (v1, v2, v3), full size and tiny.
+
+    --config=configs/animatediff_sd15.py:variant=v2
+    --config=configs/animatediff_sd15.py:variant=tiny_v1,norms=diffusers
+
+Variants: v1, v2, v3 (the released motion modules on SD 1.5), sd15 (the image UNet alone), and
+tiny_v1, tiny_v2, tiny_v3, tiny_sd15 (small models for tests and demos).
+
+`norms` picks where GroupNorm statistics are taken. `original` (default) is the AnimateDiff code the
+motion modules were trained with: per frame in the motion modules, and in v1 over the whole clip in
+the UNet's ResNets. `diffusers` is what diffusers' `UNetMotionModel` computes: per frame in the
+ResNets, over the whole clip in the motion modules.
+"""
+import ml_collections
+
+from vdjax.models.unet3d import base_config
+
+# What distinguishes the released motion modules (AnimateDiff configs/inference/inference-v*.yaml).
+_MOTION = {
+    "v1": dict(max_positions=24, mid_block=False),
+    "v2": dict(max_positions=32, mid_block=True),
+    "v3": dict(max_positions=32, mid_block=False),
+}
+_TINY = dict(block_out_channels=(32, 64), attention_levels=(True, False), num_attention_heads=(2, 2),
+             layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
+
+
+def _parse(arg: str) -> dict:
+    out = {}
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.rpartition("=")
+        out[key or "variant"] = value
+    return out
+
+
+def unet_config(variant: str, norms: str = "original") -> ml_collections.ConfigDict:
+    unet = base_config()
+    name = variant
+    if variant.startswith("tiny_"):
+        unet.update(_TINY)
+        unet.motion.num_attention_heads = 2
+        name = variant[len("tiny_"):]
+    if name not in (*_MOTION, "sd15"):
+        raise ValueError(f"unknown variant {variant!r}; choose one of v1, v2, v3, sd15, or tiny_ before any of them")
+    if norms not in ("original", "diffusers"):
+        raise ValueError(f"norms={norms!r}; choose 'original' (AnimateDiff's code) or 'diffusers'")
+    if name == "sd15":
+        return unet
+    unet.motion.update(kind="animatediff", **_MOTION[name])
+    if norms == "diffusers":
+        unet.motion.norm_scope = "clip"
+    elif name == "v1":
+        unet.resnet_norm_scope = "clip"  # v1 ran without AnimateDiff's per-frame ("inflated") GroupNorm
+    return unet
+
+
+def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
+    args = _parse(arg)
+    config = ml_collections.ConfigDict()
+    config.family = "animatediff"
+    config.variant = args.get("variant", "v2")
+    config.unet = unet_config(config.variant, args.get("norms", "original"))
+    return config

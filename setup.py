@@ -1,0 +1,31 @@
+"""vdjax: latent video diffusion in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vdjax",
+    version="0.1.0",
+    description="Video diffusion in JAX: AnimateDiff, VideoCrafter1/2, I2V-Adapter and MagDiff in Flax NNX",
+    packages=find_packages(include=["vdjax", "vdjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "imageio>=2.30",
+        "imageio-ffmpeg>=0.5",
+        "transformers>=4.40",  # CLIPTokenizer only; the models are vdjax's own
+        "safetensors>=0.4",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Reading .ckpt/.pt/.bin checkpoints. On CPU-only machines install a CPU build of torch first.
+        "torch": ["torch>=2.1"],
+        # Preparing TFDS datasets (reading goes through grain + array_record).
+        "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15", "grain>=0.2", "array_record>=0.5"],
+        # The test suite and its PyTorch references.
+        "test": ["pytest>=8", "chex>=0.1.88", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40"],
+    },
+)

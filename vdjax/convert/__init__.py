@@ -1,0 +1,1 @@
+"""PyTorch checkpoints -> vdjax parameters: layout transforms and one key map per format."""

@@ -1,0 +1,1 @@
+"""Building blocks of the UNets: attention, embeddings, ResNet blocks, spatial and temporal transformers."""

@@ -1,0 +1,68 @@
+"""Parameterised primitives (dense, conv, norms) with logical axis names on every parameter.
+
+Parameters are float32; `dtype` is the compute dtype. Logical names are mapped to mesh axes by
+`vdjax.parallel` (see DESIGN.md, "Sharding"); they are metadata only until a mesh is given.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axis names used across the UNet.
+EMBED, HIDDEN, HEADS, CONV_IN, CONV_OUT, NORM = "embed", "mlp", "heads", "conv_in", "conv_out", "norm"
+
+
+def _axes(names):
+    # Lazy sharding: variables carry the names, and shardings are applied when a mesh is known.
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def dense(in_features: int, out_features: int, axes=(EMBED, HIDDEN), *, use_bias: bool = True,
+          zero_init: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    kernel_init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=kernel_init, kernel_metadata=_axes(axes),
+                      bias_metadata=_axes((axes[1],)), rngs=rngs)
+
+
+def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, stride: int = 1,
+           zero_init: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+    """Same-padded 2-D convolution over (N, H, W, C), padding as PyTorch's `padding=k // 2`."""
+    pad = kernel_size // 2
+    kernel_init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
+    return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
+                    padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, kernel_metadata=_axes((None, None, CONV_IN, CONV_OUT)),
+                    bias_metadata=_axes((CONV_OUT,)), rngs=rngs)
+
+
+def layer_norm(features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # flax computes LayerNorm statistics in float32 even for bfloat16 inputs.
+    return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                         scale_metadata=_axes((NORM,)), bias_metadata=_axes((NORM,)), rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over channels-last input (N, ..., C): statistics per sample and group over every middle axis.
+
+    Statistics are float32 whatever the compute dtype. The caller picks what one "sample" is: fold the frames
+    into N for per-frame statistics, or into the middle axes for statistics over the whole clip.
+    """
+
+    def __init__(self, num_groups: int, channels: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs):
+        if channels % num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels cannot be split into {num_groups} groups; "
+                             "use a channel count divisible by the group count.")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32), **_axes((NORM,)))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), **_axes((NORM,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.eps)
+        y = g.reshape(shape) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)

@@ -1,0 +1,71 @@
+"""The spatial transformer of SD's UNet (diffusers' `Transformer2DModel`), applied to every frame."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdjax.layers.attention import Attention
+from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, layer_norm
+
+
+class FeedForward(nnx.Module):
+    """GEGLU feed-forward: proj_in to 2 x (mult x dim), value * GELU(gate) (exact erf GELU), proj_out."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.proj_in = dense(dim, 2 * inner, (EMBED, HIDDEN), dtype=dtype, rngs=rngs)
+        self.proj_out = dense(inner, dim, (HIDDEN, EMBED), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(self.proj_in(x), 2, axis=-1)
+        return self.proj_out(value * jax.nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-norm self-attention, cross-attention to the context, feed-forward; each with a residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, impl: str = "xla",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.attn1 = Attention(dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
+        self.norm3 = layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: (B*F, T, dim) tokens of each frame; context: (B, S, context_dim), one per clip."""
+        x = x + self.attn1(self.norm1(x))
+        # Cross-attention queries of all frames of a clip share its context: attend per clip, so that the
+        # context's keys and values are projected once per clip instead of once per frame.
+        clips = context.shape[0]
+        h = self.norm2(x).reshape(clips, -1, x.shape[-1])
+        x = x + self.attn2(h, context).reshape(x.shape)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nnx.Module):
+    """GroupNorm -> proj_in (1x1 conv, or linear for SD 2.x) -> transformer blocks -> proj_out, residual."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, *, num_layers: int = 1, groups: int = 32,
+                 use_linear_projection: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+        if channels % heads:
+            raise ValueError(f"spatial transformer: {channels} channels do not split into {heads} heads")
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype, rngs=rngs)
+        project = ((lambda: dense(channels, channels, (EMBED, HIDDEN), dtype=dtype, rngs=rngs))
+                   if use_linear_projection else (lambda: conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)))
+        self.proj_in = project()
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, impl=impl, dtype=dtype, rngs=rngs)
+            for _ in range(num_layers)])
+        self.proj_out = project()
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: (B*F, H, W, C) -> same shape."""
+        n, hgt, wid, c = x.shape
+        h = self.proj_in(self.norm(x)).reshape(n, hgt * wid, c)  # a 1x1 conv and a linear act alike here
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h.reshape(n, hgt, wid, c))

@@ -1,0 +1,253 @@
+"""One configurable 3-D UNet for every family: SD's image UNet plus temporal layers.
+
+Video latents are channels-last `(batch, frames, height, width, channels)`. Spatial layers see the frames
+folded into the batch `(batch*frames, h, w, c)`; temporal layers attend over the frames at each pixel.
+With `motion.kind='none'` and one frame this is the Stable Diffusion image UNet.
+
+The configuration (an `ml_collections.ConfigDict`, see `configs/animatediff_sd15.py`) names the family's
+parts; options that later issues build are declared and refused with `NotImplementedError` until then.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vdjax.layers.embeddings import TimestepEmbedding, timestep_sinusoid
+from vdjax.layers.primitives import GroupNorm, conv2d
+from vdjax.layers.resnet import Downsample, ResnetBlock, Upsample
+from vdjax.layers.spatial_transformer import SpatialTransformer
+from vdjax.layers.temporal import MotionModule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Declared options that are not built yet, and the issue that brings each.
+_NOT_YET = {
+    ("motion.kind", "lvdm"): "#8 (VideoCrafter's LVDM temporal transformer)",
+    ("image_cross_attention", "lvdm_dual"): "#8 (VideoCrafter I2V dual cross-attention)",
+    ("image_cross_attention", "ip_adapter"): "#9 (I2V-Adapter / IP-Adapter)",
+    ("image_cross_attention", "magdiff_apa"): "#10 (MagDiff adaptive prompts alignment)",
+    ("first_frame_attention", True): "#9 (I2V-Adapter first-frame attention)",
+    ("fps_conditioning", True): "#8 (VideoCrafter fps conditioning)",
+    ("init_attention", True): "#8 (VideoCrafter init_attn)",
+    ("temporal_conv", True): "#8 (VideoCrafter temporal convolution)",
+}
+_CHOICES = {
+    "motion.kind": ("none", "animatediff", "lvdm"),
+    "motion.norm_scope": ("frame", "clip"),
+    "resnet_norm_scope": ("frame", "clip"),
+    "image_cross_attention": ("none", "lvdm_dual", "ip_adapter", "magdiff_apa"),
+    "dtype": tuple(DTYPES),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every UNet option, at the values of the Stable Diffusion 1.5 image UNet (no temporal layers)."""
+    return ml_collections.ConfigDict(dict(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_levels=(True, True, True, False),  # spatial transformers per level (mid block always has one)
+        num_attention_heads=(8, 8, 8, 8),  # per level; head width = channels / heads
+        layers_per_block=2,
+        transformer_layers=1,
+        cross_attention_dim=768,
+        use_linear_projection=False,  # SD 2.x: True
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        resnet_norm_scope="frame",  # 'clip': AnimateDiff v1's GroupNorm over all frames of a clip
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        motion=dict(
+            kind="none",  # 'animatediff' | 'lvdm' (issue #8)
+            num_attention_heads=8,
+            transformer_layers=1,
+            max_positions=32,  # length of the sinusoidal position table (v1: 24)
+            mid_block=False,
+            norm_scope="frame",  # 'clip': diffusers' AnimateDiffTransformer3D normalises over all frames
+        ),
+        image_cross_attention="none",
+        first_frame_attention=False,
+        fps_conditioning=False,
+        init_attention=False,
+        temporal_conv=False,
+        dtype="float32",  # compute dtype; parameters are always float32
+        attention_impl="xla",  # see vdjax.layers.attention.IMPLEMENTATIONS
+    ))
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def check_config(cfg) -> None:
+    """Refuse a configuration the UNet cannot build, saying which option and what it accepts."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ValueError(f"unet config: {key}={_get(cfg, key)!r}; choose one of {choices}")
+    for (key, value), issue in _NOT_YET.items():
+        if _get(cfg, key) == value:
+            raise NotImplementedError(f"unet config: {key}={value!r} is declared but not built yet; "
+                                      f"it arrives with issue {issue}.")
+    levels = len(cfg.block_out_channels)
+    for key in ("attention_levels", "num_attention_heads"):
+        if len(cfg[key]) != levels:
+            raise ValueError(f"unet config: {key} has {len(cfg[key])} entries for {levels} levels "
+                             f"(block_out_channels={tuple(cfg.block_out_channels)}); give one per level.")
+
+
+class DownBlock(nnx.Module):
+    def __init__(self, cfg, in_ch: int, out_ch: int, temb: int, level: int, last: bool, *, dtype, rngs):
+        n = cfg.layers_per_block
+        self.resnets = nnx.List([ResnetBlock(in_ch if j == 0 else out_ch, out_ch, temb, groups=cfg.norm_num_groups,
+                                             eps=cfg.norm_eps, norm_scope=cfg.resnet_norm_scope, dtype=dtype, rngs=rngs)
+                                 for j in range(n)])
+        self.attentions = _transformers(cfg, out_ch, level, n, dtype, rngs) if cfg.attention_levels[level] else None
+        self.motion_modules = _motion_modules(cfg, out_ch, n, dtype, rngs)
+        self.downsampler = None if last else Downsample(out_ch, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h, temb, context, num_frames):
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            h = _apply(self, j, resnet(h, temb), context, num_frames)
+            skips.append(h)
+        if self.downsampler is not None:
+            h = self.downsampler(h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nnx.Module):
+    def __init__(self, cfg, ch: int, temb: int, *, dtype, rngs):
+        resnet = lambda: ResnetBlock(ch, ch, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                                     norm_scope=cfg.resnet_norm_scope, dtype=dtype, rngs=rngs)
+        self.resnets = nnx.List([resnet(), resnet()])
+        self.attentions = _transformers(cfg, ch, len(cfg.block_out_channels) - 1, 1, dtype, rngs)
+        self.motion_modules = _motion_modules(cfg, ch, 1, dtype, rngs) if cfg.motion.mid_block else None
+
+    def __call__(self, h, temb, context, num_frames):
+        h = self.resnets[0](h, temb)
+        h = _apply(self, 0, h, context, num_frames)
+        return self.resnets[1](h, temb)
+
+
+class UpBlock(nnx.Module):
+    def __init__(self, cfg, prev_ch: int, out_ch: int, skip_in_ch: int, temb: int, level: int, last: bool, *,
+                 dtype, rngs):
+        n = cfg.layers_per_block + 1
+        # The last resnet of a level takes the skip from before that level's downsampler (skip_in_ch wide).
+        self.resnets = nnx.List([
+            ResnetBlock((prev_ch if j == 0 else out_ch) + (skip_in_ch if j == n - 1 else out_ch), out_ch, temb,
+                        groups=cfg.norm_num_groups, eps=cfg.norm_eps, norm_scope=cfg.resnet_norm_scope,
+                        dtype=dtype, rngs=rngs) for j in range(n)])
+        self.attentions = _transformers(cfg, out_ch, level, n, dtype, rngs) if cfg.attention_levels[level] else None
+        self.motion_modules = _motion_modules(cfg, out_ch, n, dtype, rngs)
+        self.upsampler = None if last else Upsample(out_ch, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h, temb, context, num_frames, skips):
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+            h = _apply(self, j, h, context, num_frames)
+        return h if self.upsampler is None else self.upsampler(h)
+
+
+def _transformers(cfg, ch, level, n, dtype, rngs):
+    return nnx.List([SpatialTransformer(ch, cfg.num_attention_heads[level], cfg.cross_attention_dim,
+                                        num_layers=cfg.transformer_layers, groups=cfg.norm_num_groups,
+                                        use_linear_projection=cfg.use_linear_projection, impl=cfg.attention_impl,
+                                        dtype=dtype, rngs=rngs) for _ in range(n)])
+
+
+def _motion_modules(cfg, ch, n, dtype, rngs):
+    m = cfg.motion
+    if m.kind == "none":
+        return None
+    return nnx.List([MotionModule(ch, m.num_attention_heads, num_layers=m.transformer_layers,
+                                  max_positions=m.max_positions, groups=cfg.norm_num_groups, norm_scope=m.norm_scope,
+                                  impl=cfg.attention_impl, dtype=dtype, rngs=rngs) for _ in range(n)])
+
+
+def _apply(block, j, h, context, num_frames):
+    """The spatial transformer, then the motion module, after the j-th resnet of a block (where present)."""
+    if block.attentions is not None:
+        h = block.attentions[j](h, context)
+    if block.motion_modules is not None:
+        h = block.motion_modules[j](h, num_frames)
+    return h
+
+
+class UNet3D(nnx.Module):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs):
+        check_config(config)
+        cfg = self.config = ml_collections.FrozenConfigDict(config)  # hashable: part of the static graph
+        dtype = self.dtype = DTYPES[cfg.dtype]
+        chans = tuple(cfg.block_out_channels)
+        temb = chans[0] * 4
+        levels = len(chans)
+        self.conv_in = conv2d(cfg.in_channels, chans[0], 3, dtype=dtype, rngs=rngs)
+        self.time_embedding = TimestepEmbedding(chans[0], temb, dtype=dtype, rngs=rngs)
+        self.down_blocks = nnx.List([
+            DownBlock(cfg, chans[max(i - 1, 0)], chans[i], temb, i, i == levels - 1, dtype=dtype, rngs=rngs)
+            for i in range(levels)])
+        self.mid_block = MidBlock(cfg, chans[-1], temb, dtype=dtype, rngs=rngs)
+        # Up blocks run from the deepest level back to the first.
+        self.up_blocks = nnx.List([
+            UpBlock(cfg, chans[min(lvl + 1, levels - 1)], chans[lvl], chans[max(lvl - 1, 0)], temb, lvl, lvl == 0,
+                    dtype=dtype, rngs=rngs)
+            for lvl in reversed(range(levels))])
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, chans[0], eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.conv_out = conv2d(chans[0], cfg.out_channels, 3, dtype=dtype, rngs=rngs)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def check_inputs(self, sample_shape, context_shape) -> None:
+        """Raise a ValueError naming what the UNet can take; shapes only, so it runs at trace time."""
+        cfg, f = self.config, self.downsampling_factor
+        if len(sample_shape) != 5:
+            raise ValueError(f"sample must be (batch, frames, height, width, channels); got shape {tuple(sample_shape)}")
+        b, frames, h, w, c = sample_shape
+        if c != cfg.in_channels:
+            raise ValueError(f"sample has {c} channels; this UNet takes {cfg.in_channels} (channels-last layout)")
+        if h % f or w % f:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the UNet's downsampling factor {f}; use "
+                             f"multiples of {f} (e.g. {max(f, h - h % f)}x{max(f, w - w % f)}), i.e. images in "
+                             f"multiples of {8 * f} px with an 8x VAE.")
+        m = cfg.motion
+        if m.kind != "none" and m.max_positions and frames > m.max_positions:
+            raise ValueError(f"{frames} frames exceed the motion module's position table; this model takes 1 to "
+                             f"{m.max_positions} frames.")
+        if len(context_shape) != 3 or context_shape[0] != b or context_shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"context must be (batch={b}, tokens, {cfg.cross_attention_dim}); got shape "
+                             f"{tuple(context_shape)}")
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+        """sample (B, F, H, W, C_in), timesteps (B,) or scalar, context (B, S, D) -> (B, F, H, W, C_out) float32."""
+        self.check_inputs(sample.shape, context.shape)
+        b, frames, hgt, wid, _ = sample.shape
+        cfg = self.config
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        temb = self.time_embedding(timestep_sinusoid(timesteps, cfg.block_out_channels[0],
+                                                     flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+                                   .astype(self.dtype))
+        context = context.astype(self.dtype)
+        h = self.conv_in(sample.reshape(b * frames, hgt, wid, -1).astype(self.dtype))
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb, context, frames)
+            skips += block_skips
+        h = self.mid_block(h, temb, context, frames)
+        for block in self.up_blocks:
+            h = block(h, temb, context, frames, skips)
+        if cfg.resnet_norm_scope == "clip":
+            h = self.conv_norm_out(h.reshape(b, -1, h.shape[-1])).reshape(h.shape)
+        else:
+            h = self.conv_norm_out(h)
+        h = self.conv_out(jax.nn.silu(h))
+        return h.reshape(b, frames, hgt, wid, -1).astype(jnp.float32)
