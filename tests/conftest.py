@@ -52,3 +52,22 @@ def _torch_threads():
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     except ImportError:
         pass
+
+
+def randomize_nnx(model, seed: int = 0) -> None:
+    """Re-draw every parameter of a vdjax model in place (zero-initialised ones included), as `randomize_torch`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    rng = np.random.default_rng(seed)  # numpy: jax.random would compile a kernel per parameter shape
+    for path, var in flat:
+        noise = rng.standard_normal(var.shape).astype(np.float32)
+        if var.ndim >= 2:
+            value = noise / np.sqrt(np.prod(var.shape[:-1]))
+        elif path[-1] == "scale":
+            value = 1.0 + 0.2 * noise
+        else:
+            value = 0.2 * noise
+        var.set_value(jnp.asarray(value))
+    nnx.update(model, nnx.from_flat_state(flat))

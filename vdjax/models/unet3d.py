@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 
 from vdjax.layers.embeddings import TimestepEmbedding, timestep_sinusoid
-from vdjax.layers.primitives import GroupNorm, conv2d
+from vdjax.layers.primitives import GroupNorm, InitKeys, conv2d
 from vdjax.layers.resnet import Downsample, ResnetBlock, Upsample
 from vdjax.layers.spatial_transformer import SpatialTransformer
 from vdjax.layers.temporal import MotionModule
@@ -181,8 +181,13 @@ def _apply(block, j, h, context, num_frames):
     return h
 
 
+def abstract_unet(config: Any) -> "UNet3D":
+    """The model with `ShapeDtypeStruct` parameters (no memory, no compute): for shapes, shardings and loading."""
+    return nnx.eval_shape(lambda: UNet3D(config, rngs=InitKeys(0)))
+
+
 class UNet3D(nnx.Module):
-    def __init__(self, config: Any, *, rngs: nnx.Rngs):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs | InitKeys):
         check_config(config)
         cfg = self.config = ml_collections.FrozenConfigDict(config)  # hashable: part of the static graph
         dtype = self.dtype = DTYPES[cfg.dtype]
