@@ -20,6 +20,11 @@ def unet_key(path: Path) -> str:
     return torch_leaf(rename(path_to_key(path), UNET_RENAMES))
 
 
+def vae_key(path: Path) -> str:
+    """vdjax AutoencoderKL parameter path -> diffusers `AutoencoderKL` key (same renames as the UNet)."""
+    return unet_key(path)
+
+
 def unet_ignored(key: str) -> bool:
     # Sinusoidal tables diffusers may register as buffers; vdjax computes them.
     return key.endswith(".pos_embed.pe")

@@ -42,16 +42,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") ->
 
 
 class Attention(nnx.Module):
-    """q/k/v projections (no bias), heads, `attention`, output projection (with bias): diffusers' `Attention`."""
+    """q/k/v projections (no bias unless `qkv_bias`), heads, `attention`, output projection (with bias): diffusers' `Attention`."""
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
-                 impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 qkv_bias: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads, self.impl = heads, impl
-        self.to_q = dense(query_dim, inner, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
-        self.to_k = dense(context_dim, inner, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
-        self.to_v = dense(context_dim, inner, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_q = dense(query_dim, inner, (EMBED, HEADS), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_k = dense(context_dim, inner, (EMBED, HEADS), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_v = dense(context_dim, inner, (EMBED, HEADS), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_out = dense(inner, query_dim, (HEADS, EMBED), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:

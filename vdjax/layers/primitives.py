@@ -26,13 +26,13 @@ def dense(in_features: int, out_features: int, axes=(EMBED, HIDDEN), *, use_bias
                       bias_metadata=_axes((axes[1],)), rngs=rngs)
 
 
-def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, stride: int = 1,
+def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, stride: int = 1, padding=None,
            zero_init: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
-    """Same-padded 2-D convolution over (N, H, W, C), padding as PyTorch's `padding=k // 2`."""
+    """2-D convolution over (N, H, W, C); padding as PyTorch's `padding=k // 2` unless given ((top, bottom), (l, r))."""
     pad = kernel_size // 2
     kernel_init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
     return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
-                    padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
+                    padding=padding or ((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=kernel_init, kernel_metadata=_axes((None, None, CONV_IN, CONV_OUT)),
                     bias_metadata=_axes((CONV_OUT,)), rngs=rngs)
 
