@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Video diffusion in JAX: AnimateDiff, VideoCrafter1/2, I2V-Adapter and MagDiff in Flax NNX",
     packages=find_packages(include=["vdjax", "vdjax.*"]),
+    package_data={"vdjax.assets": ["*.txt.gz", "*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -17,6 +18,8 @@ setup(
         "imageio>=2.30",
         "imageio-ffmpeg>=0.5",
         "transformers>=4.40",  # CLIPTokenizer only; the models are vdjax's own
+        "ftfy>=6.1",  # OpenCLIP's text cleaning
+        "regex>=2023.0",  # CLIP's word pattern (\p{L}, \p{N})
         "safetensors>=0.4",
         "numpy>=1.26",
     ],

@@ -18,6 +18,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 # family -> module in tests/upstream_cases with a `run(case)` function.
 RUNNERS = {
     "animatediff_motion_module": "upstream_cases.animatediff_motion_module",
+    "openclip_text": "upstream_cases.openclip_text",
+    "openclip_image": "upstream_cases.openclip_image",
 }
 
 

@@ -74,7 +74,8 @@ def load_params(model: nnx.Module, state_dict: Mapping[str, np.ndarray], key_fn:
             missing.append(key)
             continue
         used.add(key)
-        value = to_flax_layout(state_dict[key], var.ndim)
+        # Only kernels change layout; embeddings, norms and biases are stored alike in torch and flax.
+        value = to_flax_layout(state_dict[key], var.ndim) if path[-1] == "kernel" else np.asarray(state_dict[key])
         if value.shape != var.shape:
             misshaped.append(f"{key}: file {tuple(np.shape(state_dict[key]))} -> {value.shape}, "
                              f"model {tuple(var.shape)}")

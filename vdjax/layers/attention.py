@@ -11,19 +11,19 @@ from vdjax.layers.primitives import EMBED, HEADS, dense
 
 
 def _dot_product(implementation: str | None) -> Callable:
-    def run(q, k, v):
+    def run(q, k, v, causal=False):
         # XLA's path computes logits and softmax in float32 for bfloat16 inputs.
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     return run
 
 
-def _splash(q, k, v):
+def _splash(q, k, v, causal=False):
     raise NotImplementedError(
         "attention implementation 'splash' (the Pallas TPU splash kernel) is not built yet; it arrives with "
         "issue #7 (benchmarks and speed). Use attention_impl='xla' on TPU for now.")
 
 
-# name -> fn(q, k, v) over (batch, tokens, heads, head_dim). Register new kernels here.
+# name -> fn(q, k, v, causal) over (batch, tokens, heads, head_dim). Register new kernels here.
 IMPLEMENTATIONS: dict[str, Callable] = {
     "xla": _dot_product("xla"),
     "cudnn": _dot_product("cudnn"),  # cuDNN flash attention: GPU with bfloat16/float16 inputs only
@@ -32,13 +32,15 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 }
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") -> jax.Array:
-    """Scaled dot-product attention. q: (B, T, N, H); k, v: (B, S, N, H) -> (B, T, N, H)."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, impl: str = "xla") -> jax.Array:
+    """Scaled dot-product attention. q: (B, T, N, H); k, v: (B, S, N, H) -> (B, T, N, H).
+
+    `causal`: token i attends to tokens 0..i only (CLIP's text towers)."""
     try:
         fn = IMPLEMENTATIONS[impl]
     except KeyError:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(IMPLEMENTATIONS)}") from None
-    return fn(q, k, v)
+    return fn(q, k, v, causal)
 
 
 class Attention(nnx.Module):
@@ -54,9 +56,10 @@ class Attention(nnx.Module):
         self.to_v = dense(context_dim, inner, (EMBED, HEADS), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_out = dense(inner, query_dim, (HEADS, EMBED), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
         """x: (B, T, query_dim); context: (B, S, context_dim) or None for self-attention."""
         context = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, t.shape[-1] // self.heads)
-        out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), impl=self.impl)
+        out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), causal=causal,
+                        impl=self.impl)
         return self.to_out(out.reshape(*out.shape[:-2], -1))

@@ -1,0 +1,1 @@
+"""Data files bundled with vdjax (see README.md here)."""

@@ -1,0 +1,80 @@
+"""Resizing exactly as the PyTorch pipelines do it, as per-axis weight matrices applied with einsum.
+
+`jax.image.resize` is a different resampler (it antialiases with its kernel and uses half-pixel centres), so the
+preprocessing of models trained with torch/kornia resizing is reproduced here:
+- `bicubic_align_corners`: torch's `F.interpolate(mode='bicubic', align_corners=True)` (A = -0.75, edge taps
+  clamped, source coordinates computed in float32);
+- `kornia_resize`: `kornia.geometry.resize(..., 'bicubic', align_corners=True, antialias=True)` — when shrinking
+  along either axis, first a separable Gaussian blur (sigma = max((in/out - 1)/2, 0.001) per axis, kernel
+  int(max(4 sigma, 3)) made odd, reflect padding), then the bicubic step.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_A = -0.75
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """The four Keys-cubic tap weights for fractional offsets t (float32, as torch's kernel evaluates them)."""
+    t = t.astype(np.float32)
+    a = np.float32(_A)
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1).astype(np.float32)
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of torch's align_corners=True bicubic interpolation along one axis."""
+    scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    base = np.floor(src)
+    weights = _cubic_weights(src - base)
+    m = np.zeros((out_size, in_size), np.float32)
+    for tap in range(4):
+        idx = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
+        np.add.at(m, (np.arange(out_size), idx), weights[:, tap])
+    return m
+
+
+def gaussian_matrix(size: int, sigma: float, kernel: int) -> np.ndarray:
+    """(size, size) matrix of a normalised Gaussian blur along one axis with reflect padding (no edge repeat)."""
+    x = np.arange(kernel, dtype=np.float32) - kernel // 2
+    g = np.exp(-(x ** 2) / np.float32(2 * sigma ** 2)).astype(np.float32)
+    g /= g.sum()
+    m = np.zeros((size, size), np.float32)
+    for i in range(size):
+        for tap, w in zip(range(-(kernel // 2), kernel // 2 + 1), g):
+            j = i + tap
+            j = -j if j < 0 else (2 * (size - 1) - j if j >= size else j)  # reflect
+            m[i, j] += w
+    return m
+
+
+def _apply(images: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+    """images (N, H, W, C); rows (H', H), cols (W', W) -> (N, H', W', C), float32 throughout."""
+    x = jnp.einsum("oh,nhwc->nowc", jnp.asarray(rows), images.astype(jnp.float32), precision="highest")
+    return jnp.einsum("pw,nowc->nopc", jnp.asarray(cols), x, precision="highest")
+
+
+def bicubic_align_corners(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    return _apply(images, bicubic_matrix(images.shape[1], size[0]), bicubic_matrix(images.shape[2], size[1]))
+
+
+def kornia_resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(N, H, W, C) -> (N, size[0], size[1], C) as kornia's antialiased bicubic resize."""
+    h, w = images.shape[1:3]
+    if (h, w) == tuple(size):
+        return images.astype(jnp.float32)
+    if max(h / size[0], w / size[1]) > 1:  # kornia blurs (both axes) only when shrinking along some axis
+        blur = []
+        for n, out in ((h, size[0]), (w, size[1])):
+            sigma = max((n / out - 1.0) / 2.0, 0.001)
+            kernel = int(max(4.0 * sigma, 3))
+            blur.append(gaussian_matrix(n, sigma, kernel + 1 - kernel % 2))
+        images = _apply(images, *blur)
+    return bicubic_align_corners(images, size)
