@@ -15,8 +15,10 @@ RENAMES = (
     (r"\.attn\.to_([qkv])\.", r".attn.in_proj_\1."),  # split from the packed in_proj by `unpack_in_proj`
 )
 # What the towers vdjax runs never read: the other tower's leftovers, the pooled-output projections.
-TEXT_UNUSED = re.compile(r"(^|\.)(text_projection|logit_scale|visual\..*)$")
-VISION_UNUSED = re.compile(r"(^|\.)(token_embedding\.weight|positional_embedding|ln_final\.\w+|text_projection|"
+# Anchored at the tower's root (`...model.`), so that e.g. `visual.positional_embedding` is not taken for the
+# text side's `positional_embedding`.
+TEXT_UNUSED = re.compile(r"(^|model\.)(text_projection|logit_scale|visual\..*)$")
+VISION_UNUSED = re.compile(r"(^|model\.)(token_embedding\.weight|positional_embedding|ln_final\.\w+|text_projection|"
                            r"logit_scale|visual\.ln_post\.\w+|visual\.proj)$")
 
 
