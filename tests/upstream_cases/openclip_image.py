@@ -10,7 +10,7 @@ from upstream_cases.case import Case, tolerance
 from vdjax.convert.keymap import load_params
 from vdjax.convert.openclip import VISION_UNUSED, unpack_in_proj, vision_key
 from vdjax.models.openclip import VisionTower, videocrafter_preprocess, vision_config
-from vdjax.models.resize import kornia_resize
+from vdjax.models.imaging import kornia_resize
 
 nchw = lambda x: np.asarray(x).transpose(0, 3, 1, 2)
 

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
-from vdjax.convert.keymap import Path, path_to_key, rename, torch_leaf
+from vdjax.convert.keymap import path_to_key, rename, torch_leaf
 
 RENAMES = (
     (r"\.token_embedding\.embedding$", ".token_embedding.weight"),

@@ -13,8 +13,8 @@ from flax import nnx
 EMBED, HIDDEN, HEADS, CONV_IN, CONV_OUT, NORM = "embed", "mlp", "heads", "conv_in", "conv_out", "norm"
 
 
-def _axes(names):
-    # Lazy sharding: variables carry the names, and shardings are applied when a mesh is known.
+def axis_names(names) -> dict:
+    """Variable metadata naming each axis of a parameter (lazy: applied as shardings once a mesh is known)."""
     return {"out_sharding": names, "eager_sharding": False}
 
 
@@ -22,8 +22,8 @@ def dense(in_features: int, out_features: int, axes=(EMBED, HIDDEN), *, use_bias
           zero_init: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
     kernel_init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
     return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=kernel_init, kernel_metadata=_axes(axes),
-                      bias_metadata=_axes((axes[1],)), rngs=rngs)
+                      kernel_init=kernel_init, kernel_metadata=axis_names(axes),
+                      bias_metadata=axis_names((axes[1],)), rngs=rngs)
 
 
 def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, stride: int = 1, padding=None,
@@ -33,14 +33,14 @@ def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, stride:
     kernel_init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
     return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                     padding=padding or ((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=kernel_init, kernel_metadata=_axes((None, None, CONV_IN, CONV_OUT)),
-                    bias_metadata=_axes((CONV_OUT,)), rngs=rngs)
+                    kernel_init=kernel_init, kernel_metadata=axis_names((None, None, CONV_IN, CONV_OUT)),
+                    bias_metadata=axis_names((CONV_OUT,)), rngs=rngs)
 
 
 def layer_norm(features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # flax computes LayerNorm statistics in float32 even for bfloat16 inputs.
     return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                         scale_metadata=_axes((NORM,)), bias_metadata=_axes((NORM,)), rngs=rngs)
+                         scale_metadata=axis_names((NORM,)), bias_metadata=axis_names((NORM,)), rngs=rngs)
 
 
 class GroupNorm(nnx.Module):
@@ -55,8 +55,8 @@ class GroupNorm(nnx.Module):
             raise ValueError(f"GroupNorm: {channels} channels cannot be split into {num_groups} groups; "
                              "use a channel count divisible by the group count.")
         self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
-        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32), **_axes((NORM,)))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), **_axes((NORM,)))
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32), **axis_names((NORM,)))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), **axis_names((NORM,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape

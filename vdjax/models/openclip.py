@@ -17,8 +17,8 @@ import ml_collections
 from flax import nnx
 
 from vdjax.layers.attention import Attention
-from vdjax.layers.primitives import EMBED, HIDDEN, InitKeys, _axes, dense, layer_norm
-from vdjax.models.resize import kornia_resize
+from vdjax.layers.primitives import CONV_IN, CONV_OUT, EMBED, HIDDEN, InitKeys, axis_names, dense, layer_norm
+from vdjax.models.imaging import kornia_resize, to_rgb
 from vdjax.models.unet3d import DTYPES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,7 +76,7 @@ class Transformer(nnx.Module):
 
 
 def _param(shape, axes, rngs, std=0.02):
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), **_axes(axes))
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), **axis_names(axes))
 
 
 class TextTower(nnx.Module):
@@ -86,7 +86,7 @@ class TextTower(nnx.Module):
             raise ValueError(f"OpenCLIP text layer {cfg.layer!r}; choose 'penultimate' or 'last'")
         dtype = self.dtype = DTYPES[cfg.dtype]
         self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dtype, rngs=rngs,
-                                         embedding_metadata=_axes(("vocab", EMBED)))
+                                         embedding_metadata=axis_names(("vocab", EMBED)))
         self.positional_embedding = _param((cfg.context_length, cfg.width), (None, EMBED), rngs)
         self.transformer = Transformer(cfg, dtype=dtype, rngs=rngs)
         self.ln_final = layer_norm(cfg.width, dtype=dtype, rngs=rngs)
@@ -109,7 +109,7 @@ class VisionTower(nnx.Module):
         dtype = self.dtype = DTYPES[cfg.dtype]
         p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
         self.conv1 = nnx.Conv(3, cfg.width, (p, p), strides=p, padding="VALID", use_bias=False, dtype=dtype,
-                              kernel_metadata=_axes((None, None, "conv_in", "conv_out")), rngs=rngs)
+                              kernel_metadata=axis_names((None, None, CONV_IN, CONV_OUT)), rngs=rngs)
         self.class_embedding = _param((cfg.width,), (EMBED,), rngs)
         self.positional_embedding = _param((grid * grid + 1, cfg.width), (None, EMBED), rngs)
         self.ln_pre = layer_norm(cfg.width, dtype=dtype, rngs=rngs)
@@ -129,8 +129,8 @@ class VisionTower(nnx.Module):
 
 
 def videocrafter_preprocess(images: jax.Array, size: int = 224) -> jax.Array:
-    """(N, H, W, 3) in [-1, 1] -> (N, size, size, 3) as VideoCrafter's image embedder feeds its tower."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (N, H, W, 3) in [-1, 1]; got shape {tuple(images.shape)}")
-    x = (kornia_resize(images, (size, size)) + 1.0) / 2.0
+    """(N, H, W, C) in [-1, 1] -> (N, size, size, 3) as VideoCrafter's image embedder feeds its tower.
+
+    Grayscale (C=1) is replicated and RGBA (C=4) loses its alpha, as PIL's convert('RGB')."""
+    x = (kornia_resize(to_rgb(images, batched=True), (size, size)) + 1.0) / 2.0
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)

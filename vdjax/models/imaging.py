@@ -1,4 +1,7 @@
-"""Resizing exactly as the PyTorch pipelines do it, as per-axis weight matrices applied with einsum.
+"""Image conversions and resamplers shared by the encoders' preprocessing.
+
+`to_rgb` makes grayscale and RGBA images RGB. The resamplers reproduce the PyTorch pipelines exactly, as per-axis
+weight matrices applied with einsum.
 
 `jax.image.resize` is a different resampler (it antialiases with its kernel and uses half-pixel centres), so the
 preprocessing of models trained with torch/kornia resizing is reproduced here:
@@ -10,13 +13,27 @@ preprocessing of models trained with torch/kornia resizing is reproduced here:
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _A = -0.75
+
+
+def to_rgb(images, *, batched: bool = False) -> jax.Array:
+    """Channels-last image(s) -> RGB: C=1 grayscale replicated, C=4 RGBA's alpha dropped (as PIL's convert('RGB')),
+    anything else refused. One image is (H, W, C) or (H, W); with `batched`, (N, H, W, C) — there a 3-D array would
+    be ambiguous, so the channel axis is required."""
+    x = jnp.asarray(images)
+    if not batched and x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 + batched or x.shape[-1] not in (1, 3, 4):
+        expected = ("(N, H, W, C) images with C = 1 (grayscale), 3 (RGB) or 4 (RGBA)" if batched else
+                    "one (H, W, C) image with C = 1 (grayscale), 3 (RGB) or 4 (RGBA), or (H, W) grayscale")
+        raise ValueError(f"expected channels-last {expected}; got shape {tuple(np.shape(images))}")
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    return x[..., :3]
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
