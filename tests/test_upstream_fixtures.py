@@ -15,12 +15,9 @@ import pytest
 from upstream_cases import case as case_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
-# family -> module in tests/upstream_cases with a `run(case)` function.
-RUNNERS = {
-    "animatediff_motion_module": "upstream_cases.animatediff_motion_module",
-    "openclip_text": "upstream_cases.openclip_text",
-    "openclip_image": "upstream_cases.openclip_image",
-}
+# A family is known when tests/upstream_cases/<family>.py exists; it defines `run(case) -> {name: max abs error}`.
+RUNNERS = {p.stem: f"upstream_cases.{p.stem}" for p in (HERE / "upstream_cases").glob("*.py")
+           if p.stem not in ("__init__", "case")}
 
 
 def _roots() -> list[pathlib.Path]:
