@@ -13,6 +13,7 @@ ResNets, over the whole clip in the motion modules.
 """
 import ml_collections
 
+from vdjax.models import clip, vae
 from vdjax.models.unet3d import base_config
 
 # What distinguishes the released motion modules (AnimateDiff configs/inference/inference-v*.yaml).
@@ -60,4 +61,7 @@ def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
     config.family = "animatediff"
     config.variant = args.get("variant", "v2")
     config.unet = unet_config(config.variant, args.get("norms", "original"))
+    tiny = config.variant.startswith("tiny_")
+    config.vae = vae.tiny_config() if tiny else vae.base_config()
+    config.text_encoder = clip.text_config("tiny" if tiny else "vit_l14")
     return config

@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from vdjax.convert.readers import shape_of
 
 Path = tuple
 
@@ -55,6 +58,44 @@ def to_flax_layout(value: np.ndarray, target_ndim: int) -> np.ndarray:
     return value.transpose(*range(2, value.ndim), 1, 0) if value.ndim > 2 else value.T
 
 
+def plan(model: nnx.Module, state_dict: Mapping[str, np.ndarray], key_fn: Callable[[Path], str], *,
+         ignore: Callable[[str], bool] = lambda key: False, select: Callable[[Path], bool] = lambda p: True,
+         source: str = "checkpoint") -> dict[Path, str]:
+    """{parameter path: checkpoint key} for every selected parameter, checked by shape without reading values.
+
+    Every key of `state_dict` must be used or accepted by `ignore`; otherwise one `KeyMapError` lists the problems.
+    """
+    missing, misshaped, mapping = [], [], {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not select(path):
+            continue
+        key = key_fn(path)
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        mapping[path] = key
+        file_shape = shape_of(state_dict, key)
+        if _flax_shape(file_shape, path, var.ndim) != tuple(var.shape):
+            misshaped.append(f"{key}: file {file_shape}, model {tuple(var.shape)} (flax layout)")
+    used = set(mapping.values())
+    unexpected = sorted(k for k in state_dict if k not in used and not ignore(k))
+    if missing or unexpected or misshaped:
+        raise KeyMapError(source, sorted(missing), unexpected, misshaped)
+    return mapping
+
+
+def _flax_shape(shape: tuple, path: Path, ndim: int) -> tuple:
+    if path[-1] != "kernel" or len(shape) != ndim or ndim < 2:
+        return tuple(shape)
+    return (*shape[2:], shape[1], shape[0]) if ndim > 2 else (shape[1], shape[0])
+
+
+def converted(state_dict: Mapping[str, np.ndarray], key: str, path: Path, ndim: int) -> np.ndarray:
+    """One tensor in vdjax's layout. Only kernels change layout; embeddings, norms and biases are stored alike."""
+    value = np.asarray(state_dict[key])
+    return to_flax_layout(value, ndim) if path[-1] == "kernel" else value
+
+
 def load_params(model: nnx.Module, state_dict: Mapping[str, np.ndarray], key_fn: Callable[[Path], str], *,
                 ignore: Callable[[str], bool] = lambda key: False, select: Callable[[Path], bool] = lambda p: True,
                 source: str = "checkpoint", dtype=jnp.float32) -> None:
@@ -63,27 +104,30 @@ def load_params(model: nnx.Module, state_dict: Mapping[str, np.ndarray], key_fn:
     Keys of `state_dict` must all be used or accepted by `ignore`; otherwise a `KeyMapError` lists the problems
     and the model is left unchanged.
     """
-    params = nnx.state(model, nnx.Param)
-    flat = dict(nnx.to_flat_state(params))
-    missing, misshaped, updates, used = [], [], {}, set()
-    for path, var in flat.items():
-        if not select(path):
-            continue
-        key = key_fn(path)
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        used.add(key)
-        # Only kernels change layout; embeddings, norms and biases are stored alike in torch and flax.
-        value = to_flax_layout(state_dict[key], var.ndim) if path[-1] == "kernel" else np.asarray(state_dict[key])
-        if value.shape != var.shape:
-            misshaped.append(f"{key}: file {tuple(np.shape(state_dict[key]))} -> {value.shape}, "
-                             f"model {tuple(var.shape)}")
-            continue
-        updates[path] = value
-    unexpected = sorted(k for k in state_dict if k not in used and not ignore(k))
-    if missing or unexpected or misshaped:
-        raise KeyMapError(source, sorted(missing), unexpected, misshaped)
-    for path, value in updates.items():
-        flat[path].set_value(jnp.asarray(value, dtype))
+    mapping = plan(model, state_dict, key_fn, ignore=ignore, select=select, source=source)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, key in mapping.items():
+        flat[path].set_value(jnp.asarray(converted(state_dict, key, path, flat[path].ndim), dtype))
     nnx.update(model, nnx.from_flat_state(flat))
+
+
+def load_sharded(abstract_model: nnx.Module, state_dict: Mapping[str, np.ndarray], key_fn: Callable[[Path], str], *,
+                 shardings: Mapping[Path, jax.sharding.Sharding] | None = None, dtype=jnp.float32,
+                 ignore: Callable[[str], bool] = lambda key: False, source: str = "checkpoint",
+                 progress: Callable[[int, int, str], None] | None = None) -> nnx.Module:
+    """A concrete model from an abstract one (`nnx.eval_shape`), each parameter read, converted on the host, cast
+    and put straight into its sharding one at a time: the host holds one tensor, never the model.
+
+    The model must hold no state but parameters (vdjax's models keep constants out of their state).
+    """
+    mapping = plan(abstract_model, state_dict, key_fn, ignore=ignore, source=source)
+    graphdef, params = nnx.split(abstract_model, nnx.Param)
+    flat = dict(nnx.to_flat_state(params))
+    for i, (path, key) in enumerate(mapping.items()):
+        value = converted(state_dict, key, path, flat[path].ndim).astype(dtype)
+        sharding = shardings.get(path) if shardings else None
+        flat[path].set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+        del value
+        if progress:
+            progress(i + 1, len(mapping), key)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

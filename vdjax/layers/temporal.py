@@ -22,13 +22,14 @@ class TemporalTransformerBlock(nnx.Module):
         self.attn2 = Attention(dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
         self.norm3 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
-        # A constant, not a parameter: released files carry it as the `pos_encoder.pe` buffer.
-        self.positions = nnx.Variable(jnp.asarray(position_table(max_positions, dim))) if max_positions else None
+        # The position table is a constant, not state: built at trace time (released files carry it as the
+        # `pos_encoder.pe` buffer; the converters check it against this one).
+        self.max_positions, self.dim = max_positions, dim
 
     def _with_positions(self, h: jax.Array) -> jax.Array:
-        if self.positions is None:
+        if not self.max_positions:
             return h
-        return h + self.positions[:, : h.shape[1]].astype(h.dtype)
+        return h + jnp.asarray(position_table(self.max_positions, self.dim)[:, : h.shape[1]], h.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B*H*W, F, dim) — one sequence of frames per pixel."""

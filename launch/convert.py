@@ -1,0 +1,74 @@
+"""Convert PyTorch checkpoints into a vdjax model folder (Orbax checkpoints + config) for fast reloads.
+
+    python launch/convert.py --config=configs/animatediff_sd15.py:variant=v2 \
+        --model=/path/to/v1-5-pruned-emaonly.safetensors --motion_module=/path/to/mm_sd_v15_v2.ckpt \
+        --lora=/path/to/style.safetensors:0.8 --dtype=bfloat16 --output=/path/to/sd15_mm_v2
+
+`--model` is a single file (the original LDM layout, as community checkpoints ship) or a diffusers snapshot
+folder; `--unet`, `--vae`, `--text_encoder` replace single parts. Nothing is written at `--output` unless the
+whole conversion succeeds.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from vdjax.convert import converted, sources
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
+_MODEL = flags.DEFINE_string("model", None, "A whole model: single checkpoint file or diffusers snapshot folder.")
+_UNET = flags.DEFINE_string("unet", None, "UNet weights (file or component folder).")
+_MOTION = flags.DEFINE_string("motion_module", None, "AnimateDiff motion module (mm_*.ckpt) or MotionAdapter folder.")
+_VAE = flags.DEFINE_string("vae", None, "VAE weights (file or component folder).")
+_TEXT = flags.DEFINE_string("text_encoder", None, "Text encoder weights (file or component folder).")
+_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file with its scale, PATH:SCALE (scale 1.0 if omitted); repeatable.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored parameter dtype.")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder to write (must not exist unless --overwrite).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    if not sep:
+        return spec, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return spec, 1.0  # a ':' inside the path, no scale
+
+
+class Progress:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, part, i, n, key):
+        width = 30
+        done = int(width * i / n)
+        sys.stderr.write(f"\r{part:<13}[{'#' * done}{'.' * (width - done)}] {i}/{n} {time.perf_counter() - self.start:6.1f}s")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    files = dict(model=_MODEL.value, unet=_UNET.value, motion_module=_MOTION.value, vae=_VAE.value,
+                 text_encoder=_TEXT.value)
+    models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), progress=Progress(),
+                                 loras=[_parse_lora(s) for s in _LORA.value], **files)
+    summary = converted.save(_OUTPUT.value, _CONFIG.value, models, overwrite=_OVERWRITE.value,
+                             sources={k: v for k, v in files.items() if v} | {"lora": _LORA.value})
+    print(f"{'part':<14}{'parameters':>15}{'MiB':>10}  dtype")
+    for part, info in summary["parts"].items():
+        print(f"{part:<14}{info['parameters']:>15,}{info['bytes'] / 2**20:>10.1f}  {info['dtype']}")
+    print(f"wrote {_OUTPUT.value} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "output"])
+    app.run(main)

@@ -1,0 +1,115 @@
+"""A converted model on disk: one Orbax checkpoint per part plus the config, written atomically.
+
+    output/
+      config.json        the family config (ml_collections, as JSON)
+      unet/ vae/ text_encoder/   Orbax checkpoints of each part's parameters
+      tokenizer/         when the source had one
+      summary.json       parameters and bytes per part, sources, dtype
+
+It is written to a temporary sibling folder and renamed into place at the end, so an interrupted conversion
+leaves nothing half-written at `output`. Loading restores each parameter straight into its sharding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from vdjax.convert.readers import CheckpointError
+from vdjax.convert.sources import PARTS, abstract_part
+
+
+def part_summary(model: nnx.Module) -> dict:
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {"parameters": int(sum(np.prod(x.shape) for x in leaves)),
+            "bytes": int(sum(np.prod(x.shape) * x.dtype.itemsize for x in leaves)),
+            "dtype": str(leaves[0].dtype) if leaves else None}
+
+
+def save(output: str, config: ml_collections.ConfigDict, models: Mapping[str, object], *, sources: Mapping = None,
+         overwrite: bool = False) -> dict:
+    output = os.path.abspath(output)
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{parent}: the output's folder does not exist; create it first")
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
+    tmp = f"{output}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    summary = {"sources": dict(sources or {}), "parts": {}, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        checkpointer = ocp.StandardCheckpointer()
+        for part in PARTS:
+            if part in models:
+                checkpointer.save(os.path.join(tmp, part), nnx.to_pure_dict(nnx.state(models[part], nnx.Param)))
+                summary["parts"][part] = part_summary(models[part])
+        checkpointer.wait_until_finished()
+        if models.get("tokenizer_folder"):
+            shutil.copytree(models["tokenizer_folder"], os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def load_config(folder: str) -> ml_collections.ConfigDict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: not a converted vdjax model (no config.json); convert with launch/convert.py")
+    return ml_collections.ConfigDict(json.load(open(path)))
+
+
+def load(folder: str, *, parts=None, shardings_for=None) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, {part: model}) with each parameter restored straight into `shardings_for(abstract)`'s sharding."""
+    config = load_config(folder)
+    _tuples(config)
+    summary_path = os.path.join(folder, "summary.json")
+    saved = json.load(open(summary_path))["parts"] if os.path.isfile(summary_path) else {}
+    checkpointer = ocp.StandardCheckpointer()
+    models = {}
+    for part in parts or PARTS:
+        path = os.path.join(os.path.abspath(folder), part)
+        if not os.path.isdir(path):
+            continue
+        abstract = abstract_part(part, config)
+        graphdef, state = nnx.split(abstract, nnx.Param)
+        shardings = shardings_for(abstract) if shardings_for else {}
+        flat = dict(nnx.to_flat_state(state))
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        dtype = saved.get(part, {}).get("dtype")  # parameters were stored in the dtype asked for at conversion
+        for p, var in flat.items():
+            var.set_value(jax.ShapeDtypeStruct(var.shape, dtype or var.dtype, sharding=shardings.get(p, default)))
+        target = nnx.to_pure_dict(nnx.from_flat_state(flat))
+        try:
+            restored = checkpointer.restore(path, target)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot restore the {part} ({str(e).splitlines()[0][:300]}); the "
+                                  "checkpoint is incomplete or was written for another config.") from e
+        nnx.replace_by_pure_dict(state, restored)
+        models[part] = nnx.merge(graphdef, state)
+    return config, models
+
+
+def _tuples(config) -> None:
+    """JSON turns tuples into lists; the models' configs are frozen (hashable), which needs tuples back."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _tuples(value)
+        elif isinstance(value, list):
+            config[key] = tuple(value)

@@ -1,0 +1,198 @@
+"""Reading checkpoint files as lazy state dicts: one tensor in memory at a time.
+
+- `.safetensors` (memory-mapped, no torch), and sharded ones through their `*.safetensors.index.json`;
+- `.ckpt` / `.pt` / `.pth` / `.bin` through torch with `weights_only=True` (memory-mapped where the file allows),
+  unwrapping `state_dict` and DeepSpeed's `module` (`_forward_module.` prefix) containers;
+- diffusers snapshot folders: `read_folder` gives each component's state dict.
+Every failure names the file and says what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Mapping
+
+import numpy as np
+
+SAFETENSORS = (".safetensors",)
+TORCH = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not hold what was asked for."""
+
+
+class LazyStateDict(Mapping):
+    """A read-only mapping key -> float32/int numpy array, loaded on access; `shape(key)` without loading."""
+
+    def __init__(self, source: str, shapes: dict[str, tuple], load):
+        self.source, self._shapes, self._load = source, shapes, load
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._shapes:
+            raise KeyError(key)
+        return self._load(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+    def subset(self, prefix: str, strip: bool = True) -> "LazyStateDict":
+        """The keys under `prefix` (e.g. 'first_stage_model.'), with the prefix removed when `strip`."""
+        inner = {k[len(prefix):] if strip else k: k for k in self._shapes if k.startswith(prefix)}
+        return LazyStateDict(self.source, {k: self._shapes[v] for k, v in inner.items()},
+                             lambda k: self._load(inner[k]))
+
+
+def shape_of(state_dict: Mapping, key: str) -> tuple:
+    return state_dict.shape(key) if isinstance(state_dict, LazyStateDict) else tuple(np.shape(state_dict[key]))
+
+
+def _as_numpy(tensor) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: widen losslessly
+        tensor = tensor.float()
+    return tensor.detach().cpu().numpy()
+
+
+def _read_safetensors(path: str) -> LazyStateDict:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="numpy")
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}). The file may be truncated or "
+                              "corrupt; download it again.") from e
+
+    def load(key):
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {key!r} cannot be read ({e}); the file is truncated or "
+                                  "corrupt — download it again.") from e
+    return LazyStateDict(path, shapes, load)
+
+
+def _read_sharded_safetensors(index_path: str) -> LazyStateDict:
+    try:
+        weight_map = json.load(open(index_path))["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: not a safetensors index (a JSON file with a 'weight_map'): {e}") from e
+    folder = os.path.dirname(index_path)
+    shards = {f: _read_safetensors(os.path.join(folder, f)) for f in sorted(set(weight_map.values()))}
+    missing = [k for k, f in weight_map.items() if k not in shards[f]]
+    if missing:
+        raise CheckpointError(f"{index_path}: {len(missing)} key(s) listed in the index are not in their shard "
+                              f"(e.g. {missing[0]!r}); a shard is incomplete — download it again.")
+    return LazyStateDict(index_path, {k: shards[f].shape(k) for k, f in weight_map.items()},
+                         lambda k: shards[weight_map[k]][k])
+
+
+def _unwrap(obj, path: str) -> dict:
+    """Lightning/LDM checkpoints nest the weights under 'state_dict'; DeepSpeed under 'module' with a prefix."""
+    import torch
+
+    for container in ("state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(container), dict):
+            obj = obj[container]
+            if container == "module":
+                obj = {k[len("_forward_module."):] if k.startswith("_forward_module.") else k: v
+                       for k, v in obj.items()}
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors (found {type(obj).__name__} with keys "
+                              f"{list(obj)[:5] if isinstance(obj, dict) else '-'}).")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_torch(path: str) -> LazyStateDict:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading {os.path.splitext(path)[1]} files needs torch; "
+                              "pip install 'vdjax[torch]' (or convert the file to .safetensors).") from e
+    import pickle
+    import zipfile
+
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: torch's safe loader (weights_only=True) refuses this pickle: {str(e).splitlines()[0]}. "
+            "vdjax never runs code from a checkpoint. If you trust the file, re-save its state dict as .safetensors "
+            "in PyTorch and load that.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read by torch ({str(e).splitlines()[0]}). The file may be "
+                              "truncated or corrupt; download it again.") from e
+    tensors = _unwrap(obj, path)
+    return LazyStateDict(path, {k: tuple(v.shape) for k, v in tensors.items()}, lambda k: _as_numpy(tensors[k]))
+
+
+def read_state_dict(path: str) -> LazyStateDict:
+    """A checkpoint file (or a sharded safetensors index) -> lazy state dict."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; for a diffusers snapshot use read_folder(), or name the file")
+    name = path.lower()
+    if name.endswith(".safetensors.index.json"):
+        return _read_sharded_safetensors(path)
+    if name.endswith(SAFETENSORS):
+        return _read_safetensors(path)
+    if name.endswith(TORCH):
+        return _read_torch(path)
+    raise CheckpointError(f"{path}: unknown file type; vdjax reads {', '.join(SAFETENSORS + TORCH)} files, "
+                          "sharded '*.safetensors.index.json' and diffusers snapshot folders.")
+
+
+# Component folders of a diffusers snapshot, and the weight files each may hold (preferred first).
+COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder", "motion_adapter")
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+def read_component(folder: str) -> LazyStateDict:
+    """One component folder (e.g. `unet/`) -> its weights."""
+    for name in _WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return read_state_dict(path)
+    raise CheckpointError(f"{folder}: no weight file found (looked for {', '.join(_WEIGHT_FILES)}).")
+
+
+def read_folder(folder: str) -> dict[str, object]:
+    """A diffusers snapshot (`model_index.json` + component folders) -> {component: LazyStateDict, ...}, plus
+    'tokenizer' (its folder path) and 'scheduler' (its config dict) where present. A folder that is a single
+    component (it has a weight file of its own, e.g. a MotionAdapter snapshot) -> {'self': LazyStateDict}."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a folder")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        try:
+            return {"self": read_component(folder)}
+        except CheckpointError:
+            raise CheckpointError(f"{folder}: neither a diffusers snapshot (no model_index.json) nor a component "
+                                  "folder with a weight file.") from None
+    out: dict[str, object] = {}
+    for part in COMPONENTS:
+        if os.path.isdir(os.path.join(folder, part)):
+            out[part] = read_component(os.path.join(folder, part))
+    if os.path.isdir(os.path.join(folder, "tokenizer")):
+        out["tokenizer"] = os.path.join(folder, "tokenizer")
+    scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler):
+        out["scheduler"] = json.load(open(scheduler))
+    return out
