@@ -29,6 +29,7 @@ setup(
         # Preparing TFDS datasets (reading goes through grain + array_record).
         "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15", "grain>=0.2", "array_record>=0.5"],
         # The test suite and its PyTorch references.
-        "test": ["pytest>=8", "chex>=0.1.88", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40"],
+        "test": ["pytest>=8", "chex>=0.1.88", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40",
+                 "peft>=0.13"],  # peft: diffusers' own LoRA loading, the reference for LoRA merging
     },
 )

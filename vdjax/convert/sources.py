@@ -139,8 +139,10 @@ def load_models(config, *, parts: Sequence[str] | None = None, shardings_for=Non
     if loras:
         from vdjax.convert import lora
 
-        for path, scale in loras:
-            lora.merge_file(models, read_state_dict(path), scale, source=path)
+        files = [(read_state_dict(path), scale, path) for path, scale in loras]
+        for part in ("unet", "text_encoder"):  # each LoRA file may carry both parts; the other part is skipped
+            if part in models:
+                lora.merge_loras(models[part], files, part=part)
     if "tokenizer" in sources:
         models["tokenizer_folder"] = sources["tokenizer"]
     return models
