@@ -12,10 +12,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 
 import numpy as np
 

@@ -8,7 +8,7 @@ from flax import nnx
 from conftest import max_abs_error
 from upstream_cases.case import Case, tolerance
 from vdjax.convert.keymap import load_params
-from vdjax.convert.openclip import VISION_UNUSED, unpack_in_proj, vision_key
+from vdjax.convert.openclip import VISION_UNUSED, split_in_proj, vision_key
 from vdjax.models.openclip import VisionTower, videocrafter_preprocess, vision_config
 from vdjax.models.imaging import kornia_resize
 
@@ -22,7 +22,7 @@ def run(case: Case) -> dict[str, float]:
     cfg.update(width=vision["width"], layers=vision["layers"], heads=vision["width"] // vision.get("head_width", 64),
                patch_size=vision["patch_size"], image_size=vision["image_size"])
     tower = VisionTower(cfg, rngs=nnx.Rngs(0))
-    load_params(tower, unpack_in_proj(case.weights()), vision_key(meta.get("key_prefix", "embedder.model.")),
+    load_params(tower, split_in_proj(case.weights()), vision_key(meta.get("key_prefix", "embedder.model.")),
                 ignore=VISION_UNUSED.search, source=str(case.path))
     images = jnp.asarray(io["images"].transpose(0, 2, 3, 1))
     size = (cfg.image_size, cfg.image_size)

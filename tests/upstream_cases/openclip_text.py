@@ -8,7 +8,7 @@ from flax import nnx
 from conftest import max_abs_error
 from upstream_cases.case import Case, tolerance
 from vdjax.convert.keymap import load_params
-from vdjax.convert.openclip import TEXT_UNUSED, text_key, unpack_in_proj
+from vdjax.convert.openclip import TEXT_UNUSED, text_key, split_in_proj
 from vdjax.models.openclip import TextTower, text_config
 from vdjax.models.openclip_tokenizer import OpenCLIPTokenizer
 
@@ -21,7 +21,7 @@ def run(case: Case) -> dict[str, float]:
                context_length=text["context_length"])
     tower = TextTower(cfg, rngs=nnx.Rngs(0))
     prefix = meta.get("key_prefix", "cond_stage_model.model.")
-    load_params(tower, unpack_in_proj(case.weights()), text_key(prefix), ignore=TEXT_UNUSED.search,
+    load_params(tower, split_in_proj(case.weights()), text_key(prefix), ignore=TEXT_UNUSED.search,
                 source=str(case.path))
     errors = {}
     tokens = io["tokens"]

@@ -6,6 +6,7 @@ shapes checked — otherwise one error that lists everything wrong at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Iterable, Mapping
 
@@ -17,6 +18,14 @@ from flax import nnx
 from vdjax.convert.readers import shape_of
 
 Path = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class PartMap:
+    """How one model part reads one checkpoint layout."""
+    key_fn: Callable[[Path], str]
+    ignore: Callable[[str], bool] = lambda key: False
+    prepare: Callable[[Mapping], Mapping] = lambda state: state  # lazy pre-pass, e.g. split packed projections
 
 
 class KeyMapError(ValueError):

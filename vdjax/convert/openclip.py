@@ -8,11 +8,12 @@ from typing import Mapping
 import numpy as np
 
 from vdjax.convert.keymap import path_to_key, rename, torch_leaf
+from vdjax.convert.readers import LazyStateDict, rewrite
 
 RENAMES = (
     (r"\.token_embedding\.embedding$", ".token_embedding.weight"),
     (r"\.attn\.to_out\.", ".attn.out_proj."),
-    (r"\.attn\.to_([qkv])\.", r".attn.in_proj_\1."),  # split from the packed in_proj by `unpack_in_proj`
+    (r"\.attn\.to_([qkv])\.", r".attn.in_proj_\1."),  # split from the packed in_proj by `split_in_proj`
 )
 # What the towers vdjax runs never read: the other tower's leftovers, the pooled-output projections.
 # Anchored at the tower's root (`...model.`), so that e.g. `visual.positional_embedding` is not taken for the
@@ -30,14 +31,12 @@ def vision_key(prefix: str = "embedder.model."):
     return lambda path: prefix + "visual." + torch_leaf(rename("." + path_to_key(path), RENAMES))[1:]
 
 
-def unpack_in_proj(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """nn.MultiheadAttention packs q, k, v into `in_proj_weight (3D, D)` / `in_proj_bias (3D,)`: split them."""
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r"(.*\.attn\.)in_proj_(weight|bias)$", key)
-        if m is None:
-            out[key] = value
-            continue
-        for name, part in zip("qkv", np.split(np.asarray(value), 3, axis=0)):
-            out[f"{m.group(1)}in_proj_{name}.{m.group(2)}"] = part
-    return out
+def split_in_proj(state_dict: Mapping) -> LazyStateDict:
+    """nn.MultiheadAttention packs q, k, v into `attn.in_proj_weight (3D, D)` / `in_proj_bias (3D,)`: split them
+    into `in_proj_{q,k,v}.*`, lazily (nothing is read until a tensor is asked for)."""
+    def fn(key, shape):
+        if m := re.match(r"(.*\.attn\.)in_proj_(weight|bias)$", key):
+            part = (shape[0] // 3, *shape[1:])
+            return [(f"{m[1]}in_proj_{q}.{m[2]}", part, lambda v, i=i: np.split(v, 3, axis=0)[i])
+                    for i, q in enumerate("qkv")]
+    return rewrite(state_dict, fn)

@@ -39,6 +39,9 @@ class LazyStateDict(Mapping):
     def __len__(self) -> int:
         return len(self._shapes)
 
+    def __contains__(self, key) -> bool:
+        return key in self._shapes  # Mapping's default would read the tensor
+
     def shape(self, key: str) -> tuple:
         return self._shapes[key]
 
@@ -51,6 +54,24 @@ class LazyStateDict(Mapping):
 
 def shape_of(state_dict: Mapping, key: str) -> tuple:
     return state_dict.shape(key) if isinstance(state_dict, LazyStateDict) else tuple(np.shape(state_dict[key]))
+
+
+def rewrite(state_dict: Mapping, fn) -> LazyStateDict:
+    """A lazy pre-pass: `fn(key, shape)` -> None (keep) or [(new_key, new_shape, transform(value) or None)].
+
+    Keys are renamed/split and values reshaped on access; shapes are known without reading, so a memory-mapped
+    file stays on disk and shape-only key lists (manifests) can be checked."""
+    shapes, origin = {}, {}
+    for key in state_dict:
+        shape = tuple(shape_of(state_dict, key))
+        for new, new_shape, transform in fn(key, shape) or [(key, shape, None)]:
+            shapes[new], origin[new] = tuple(new_shape), (key, transform)
+
+    def load(key):
+        src, transform = origin[key]
+        value = np.asarray(state_dict[src])
+        return value if transform is None else transform(value)
+    return LazyStateDict(getattr(state_dict, "source", "checkpoint"), shapes, load)
 
 
 def _as_numpy(tensor) -> np.ndarray:

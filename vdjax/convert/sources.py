@@ -6,16 +6,16 @@ time, straight into its sharding when a mesh is given.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
-from vdjax.convert import animatediff, diffusers, formats, hf_clip, keymap, openclip
+from vdjax.convert import animatediff, diffusers, formats, hf_clip, keymap
 from vdjax.convert.combined import combine, namespaced, split_ignore
-from vdjax.convert.readers import CheckpointError, LazyStateDict, read_folder, read_state_dict
+from vdjax.convert.keymap import PartMap
+from vdjax.convert.readers import CheckpointError, read_folder, read_state_dict
 from vdjax.layers.primitives import InitKeys
 from vdjax.models.clip import CLIPTextModel
 from vdjax.models.openclip import TextTower
@@ -23,13 +23,6 @@ from vdjax.models.unet3d import UNet3D
 from vdjax.models.vae import AutoencoderKL
 
 PARTS = ("unet", "vae", "text_encoder")
-
-
-@dataclasses.dataclass(frozen=True)
-class PartMap:
-    key_fn: Callable
-    ignore: Callable[[str], bool] = lambda key: False
-    prepare: Callable[[Mapping], Mapping] = lambda state: state  # e.g. split packed projections
 
 
 def part_map(part: str, fmt: str, config) -> PartMap:
