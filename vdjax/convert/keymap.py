@@ -132,10 +132,12 @@ def load_sharded(abstract_model: nnx.Module, state_dict: Mapping[str, np.ndarray
     mapping = plan(abstract_model, state_dict, key_fn, ignore=ignore, source=source)
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     flat = dict(nnx.to_flat_state(params))
+
     for i, (path, key) in enumerate(mapping.items()):
-        value = converted(state_dict, key, path, flat[path].ndim).astype(dtype)
-        sharding = shardings.get(path) if shardings else None
-        flat[path].set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+        # Contiguous in the target dtype on the host (a strided device_put is slower), then one copy to the
+        # devices; jnp.asarray would dispatch a conversion op per parameter.
+        value = np.ascontiguousarray(converted(state_dict, key, path, flat[path].ndim), dtype=dtype)
+        flat[path].set_value(jax.device_put(value, shardings.get(path) if shardings else None))
         del value
         if progress:
             progress(i + 1, len(mapping), key)

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 SAFETENSORS = (".safetensors",)
@@ -82,23 +83,50 @@ def _as_numpy(tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def _read_safetensors(path: str) -> LazyStateDict:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
 
+
+def _read_safetensors(path: str) -> LazyStateDict:
+    """The header is parsed here and each tensor read with `os.pread` into its own buffer. Not `mmap`: mapped pages
+    stay resident once touched, so loading a model would hold the file *and* the model in memory."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a readable safetensors file ({why}). The file may be truncated or "
+                               "corrupt; download it again.")
+
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
     try:
-        handle = safe_open(path, framework="numpy")
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}). The file may be truncated or "
-                              "corrupt; download it again.") from e
+        (length,) = np.frombuffer(os.pread(fd, 8, 0), "<u8") if size >= 8 else (None,)
+        if length is None or 8 + length > size:
+            raise corrupt("header longer than the file")
+        header = json.loads(os.pread(fd, int(length), 8))
+    except (ValueError, UnicodeDecodeError) as e:
+        os.close(fd)
+        raise corrupt(f"bad header: {e}") from e
+    except CheckpointError:
+        os.close(fd)
+        raise
+    header.pop("__metadata__", None)
+    start = 8 + int(length)
+    entries = {}
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise corrupt(f"tensor {key!r} has dtype {info['dtype']}, which vdjax does not read")
+        if start + end > size:
+            os.close(fd)
+            raise corrupt(f"tensor {key!r} ends at byte {start + end}, past the end of the file ({size} bytes)")
+        entries[key] = (np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"]), start + begin, end - begin)
 
     def load(key):
-        try:
-            return handle.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor {key!r} cannot be read ({e}); the file is truncated or "
-                                  "corrupt — download it again.") from e
-    return LazyStateDict(path, shapes, load)
+        dtype, shape, offset, nbytes = entries[key]
+        data = os.pread(fd, nbytes, offset)
+        if len(data) != nbytes:
+            raise corrupt(f"tensor {key!r} is cut short")
+        return np.frombuffer(data, dtype).reshape(shape)
+    return LazyStateDict(path, {k: e[1] for k, e in entries.items()}, load)
 
 
 def _read_sharded_safetensors(index_path: str) -> LazyStateDict:
