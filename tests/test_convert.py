@@ -237,3 +237,36 @@ def test_convert_cli_writes_a_model_folder(snapshot, tmp_path):
     assert "wrote" in result.stdout and "bfloat16" in result.stdout
     _, models = converted.load(str(out), parts=["vae"])
     assert jax.tree.leaves(nnx.state(models["vae"], nnx.Param))[0].dtype == jnp.bfloat16
+
+
+def _meta_state(model) -> readers.LazyStateDict:
+    """A torch model built on the meta device as a shapes-only state dict (reading a value would fail)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return readers.LazyStateDict(type(model).__name__, shapes, lambda k: (_ for _ in ()).throw(AssertionError(k)))
+
+
+@pytest.mark.parametrize("part", ["unet_motion_v2", "vae", "text_encoder"])
+def test_full_size_diffusers_layouts_map_completely(part):
+    """diffusers' / transformers' full-size SD 1.5 (+ motion v2) models, by key and shape, onto vdjax's."""
+    from diffusers import AutoencoderKL, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vdjax.convert.keymap import plan
+
+    cfg = load_config("configs/animatediff_sd15.py:variant=v2")
+    with torch.device("meta"):
+        reference = {
+            "unet_motion_v2": lambda: UNetMotionModel(cross_attention_dim=768, num_attention_heads=8,
+                                                      motion_max_seq_length=32, use_motion_mid_block=True),
+            "vae": lambda: AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                                         up_block_types=("UpDecoderBlock2D",) * 4,
+                                         block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+            "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                                 num_attention_heads=12, num_hidden_layers=12)),
+        }[part]()
+    state = _meta_state(reference)
+    name = "unet" if part.startswith("unet") else part
+    fmt = formats.detect(state)
+    pmap = sources.part_map(name, fmt, cfg)
+    mapping = plan(sources.abstract_part(name, cfg), pmap.prepare(state), pmap.key_fn, ignore=pmap.ignore)
+    assert len(mapping) == len([k for k in state if not pmap.ignore(k)])

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vdjax.convert.keymap import Path, load_params, path_to_key, torch_leaf
+from vdjax.convert.readers import rewrite
 
 
 def _leaf(key: str) -> str:
@@ -43,7 +44,7 @@ def with_prefix(state_dict: Mapping[str, np.ndarray], prefix: str, head: str) ->
     """Keys under `prefix`, added when no key has it (transformers 5.x); `head`, the projection, stays top-level."""
     if any(k.startswith(prefix) for k in state_dict):
         return state_dict
-    return {(k if k.startswith(head) else prefix + k): v for k, v in state_dict.items()}
+    return rewrite(state_dict, lambda k, shape: None if k.startswith(head) else [(prefix + k, shape, None)])
 
 
 def load_text(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, source: str = "CLIPTextModel",
