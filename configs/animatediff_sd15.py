@@ -64,4 +64,16 @@ def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
     tiny = config.variant.startswith("tiny_")
     config.vae = vae.tiny_config() if tiny else vae.base_config()
     config.text_encoder = clip.text_config("tiny" if tiny else "vit_l14")
+    if tiny:  # CLIP's real tokenizer and 77 tokens, so tiny models run through the same pipeline
+        config.text_encoder.update(vocab_size=49408, max_position_embeddings=77)
+    # AnimateDiff's inference configs: diffusers' DDIMScheduler with these settings.
+    config.schedule = ml_collections.ConfigDict(dict(
+        beta_schedule="linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True,
+        rescale_betas_zero_snr=False))
+    config.sample = ml_collections.ConfigDict(dict(
+        steps=25, guidance_scale=7.5, guidance_rescale=0.0, eta=0.0, negative_prompt="",
+        num_frames=16, height=512, width=512, fps=8, clip_skip=0, vae_chunk_size=4, seed=0))
+    if tiny:
+        config.sample.update(steps=10, num_frames=8, height=32, width=32)
     return config

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch_helpers import parse_lora
 from vdjax.convert import converted, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
@@ -29,16 +30,6 @@ _LORA = flags.DEFINE_multi_string("lora", [], "LoRA file with its scale, PATH:SC
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored parameter dtype.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write (must not exist unless --overwrite).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
-
-
-def _parse_lora(spec: str) -> tuple[str, float]:
-    path, sep, scale = spec.rpartition(":")
-    if not sep:
-        return spec, 1.0
-    try:
-        return path, float(scale)
-    except ValueError:
-        return spec, 1.0  # a ':' inside the path, no scale
 
 
 class Progress:
@@ -60,7 +51,7 @@ def main(argv):
     files = dict(model=_MODEL.value, unet=_UNET.value, motion_module=_MOTION.value, vae=_VAE.value,
                  text_encoder=_TEXT.value)
     models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), progress=Progress(),
-                                 loras=[_parse_lora(s) for s in _LORA.value], **files)
+                                 loras=[parse_lora(s) for s in _LORA.value], **files)
     summary = converted.save(_OUTPUT.value, _CONFIG.value, models, overwrite=_OVERWRITE.value,
                              sources={k: v for k, v in files.items() if v} | {"lora": _LORA.value})
     print(f"{'part':<14}{'parameters':>15}{'MiB':>10}  dtype")

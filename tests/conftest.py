@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The tiny AnimateDiff model that tests build in diffusers and load into vdjax (diffusers' GroupNorm placement).
+TINY_SPEC = "configs/animatediff_sd15.py:variant=tiny_v2,norms=diffusers"
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
 
 
 def load_config(spec: str):
@@ -71,3 +75,38 @@ def randomize_nnx(model, seed: int = 0) -> None:
             value = 0.2 * noise
         var.set_value(jnp.asarray(value))
     nnx.update(model, nnx.from_flat_state(flat))
+
+
+@pytest.fixture(scope="session")
+def snapshot(tmp_path_factory):
+    """A tiny diffusers snapshot (unet, vae, text_encoder, tokenizer) and a MotionAdapter folder, all randomised."""
+    import torch
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vdjax.models.clip_tokenizer import write_tokenizer_folder
+
+    root = tmp_path_factory.mktemp("snapshot")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, **TINY_UNET)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+    cfg = load_config(TINY_SPEC).text_encoder
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                                        num_attention_heads=cfg.num_attention_heads,
+                                        max_position_embeddings=cfg.max_position_embeddings,
+                                        bos_token_id=0, eos_token_id=cfg.eos_token_id))
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
+    for i, m in enumerate((unet, vae, text, adapter)):
+        randomize_torch(m, seed=i)
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    write_tokenizer_folder(str(root / "tokenizer"))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    adapter.save_pretrained(root.parent / "adapter")
+    reference = UNetMotionModel.from_unet2d(unet, adapter).eval()
+    return root, root.parent / "adapter", reference

@@ -16,48 +16,14 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from conftest import ROOT, load_config, max_abs_error, randomize_torch
+from conftest import ROOT, load_config, max_abs_error
 from vdjax.convert import animatediff, converted, formats, readers, sources
-from vdjax.models.clip_tokenizer import write_tokenizer_folder
 
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
-SPEC = "configs/animatediff_sd15.py:variant=tiny_v2,norms=diffusers"
+from conftest import TINY_SPEC as SPEC
 
 
 def _params(model) -> dict:
     return {p: np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    """A tiny diffusers snapshot (unet, vae, text_encoder, tokenizer) and a MotionAdapter folder, all randomised."""
-    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("snapshot")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, **TINY)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
-    cfg = load_config(SPEC).text_encoder
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                                        num_attention_heads=cfg.num_attention_heads,
-                                        max_position_embeddings=cfg.max_position_embeddings,
-                                        bos_token_id=0, eos_token_id=cfg.eos_token_id))
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
-    for i, m in enumerate((unet, vae, text, adapter)):
-        randomize_torch(m, seed=i)
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    text.save_pretrained(root / "text_encoder")
-    write_tokenizer_folder(str(root / "tokenizer"))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    adapter.save_pretrained(root.parent / "adapter")
-    reference = UNetMotionModel.from_unet2d(unet, adapter).eval()
-    return root, root.parent / "adapter", reference
 
 
 def _unet_output(model, frames=4):

@@ -1,0 +1,135 @@
+"""Sample videos from text.
+
+    python launch/sample.py --config=configs/animatediff_sd15.py:variant=v2 --checkpoint=models/sd15_mm_v2 \
+        --prompt="a corgi running on the beach, golden hour" --output=corgi.mp4
+    python launch/sample.py --config=configs/animatediff_sd15.py:variant=v2 \
+        --model=realisticVision.safetensors --motion_module=mm_sd_v15_v2.ckpt --lora=style.safetensors:0.7 ...
+
+Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
+load time. `--random_init` samples with random weights (noise; for smoke tests). Every argument is checked before
+any compute.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch_helpers import parse_lora
+from vdjax.io.video import check_output, write_video
+from vdjax.pipelines.t2v import T2VPipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted model folder (launch/convert.py).")
+_MODEL = flags.DEFINE_string("model", None, "A whole PyTorch model: single file or diffusers snapshot folder.")
+_UNET = flags.DEFINE_string("unet", None, "UNet weights.")
+_MOTION = flags.DEFINE_string("motion_module", None, "AnimateDiff motion module (mm_*.ckpt) or MotionAdapter folder.")
+_VAE = flags.DEFINE_string("vae", None, "VAE weights.")
+_TEXT = flags.DEFINE_string("text_encoder", None, "Text encoder weights.")
+_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file with its scale, PATH:SCALE; repeatable.")
+_RANDOM = flags.DEFINE_bool("random_init", False, "Random weights (smoke tests; the video is noise).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several videos.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
+_FRAMES = flags.DEFINE_integer("num_frames", None, "Frames (default: the config's).")
+_HEIGHT = flags.DEFINE_integer("height", None, "Height in pixels.")
+_WIDTH = flags.DEFINE_integer("width", None, "Width in pixels.")
+_STEPS = flags.DEFINE_integer("steps", None, "DDIM steps.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (1 = none).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
+_SEED = flags.DEFINE_integer("seed", None, "Random seed: the same seed gives the same video.")
+_FPS = flags.DEFINE_float("fps", None, "Frames per second of the written video.")
+_OUTPUT = flags.DEFINE_string("output", "outputs/sample.mp4", "Output: .mp4, .gif, or a folder for PNG frames.")
+_SAVE_LATENTS = flags.DEFINE_bool("save_latents", False, "Also write the final latents next to the output (.npy).")
+
+
+def _prompts() -> list[str]:
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        if not os.path.isfile(_PROMPTS_FILE.value):
+            raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value}: no such file")
+        prompts += [line.strip() for line in open(_PROMPTS_FILE.value) if line.strip()]
+    if not prompts:
+        raise app.UsageError("give --prompt (repeatable) or --prompts_file")
+    return prompts
+
+
+def _outputs(n: int) -> list[str]:
+    base, ext = os.path.splitext(_OUTPUT.value)
+    paths = [_OUTPUT.value] if n == 1 else [f"{base}_{i:02d}{ext}" for i in range(n)]
+    for path in paths:
+        try:
+            check_output(path)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+    return paths
+
+
+def _pipeline(config) -> T2VPipeline:
+    files = dict(model=_MODEL.value, unet=_UNET.value, motion_module=_MOTION.value, vae=_VAE.value,
+                 text_encoder=_TEXT.value)
+    given = {k: v for k, v in files.items() if v}
+    if _RANDOM.value:
+        print("weights: random (--random_init)")
+        return T2VPipeline.random_init(config)
+    if _CHECKPOINT.value:
+        print(f"weights: converted model {_CHECKPOINT.value}")
+        return T2VPipeline.from_converted(_CHECKPOINT.value)
+    if not given:
+        raise app.UsageError("no weights: give --checkpoint, --model (and --motion_module), or --random_init")
+    print("weights: " + ", ".join(f"{k}={v}" for k, v in given.items()))
+    return T2VPipeline.from_files(config, loras=[parse_lora(s) for s in _LORA.value], **files)
+
+
+class Progress:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, i, n):
+        i, n = int(i), int(n)
+        width = 30
+        done = int(width * i / n)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\rsampling [{'#' * done}{'.' * (width - done)}] {i}/{n} steps {elapsed:6.1f}s")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    prompts = _prompts()
+    outputs = _outputs(len(prompts))
+    start = time.perf_counter()
+    pipe = _pipeline(config)
+    s = config.sample
+    kwargs = dict(num_frames=_FRAMES.value or s.num_frames, height=_HEIGHT.value or s.height,
+                  width=_WIDTH.value or s.width, steps=s.steps if _STEPS.value is None else _STEPS.value,
+                  guidance_scale=s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value,
+                  eta=s.eta if _ETA.value is None else _ETA.value)
+    try:
+        pipe.check(**kwargs)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"loaded {config.family} {config.variant} in {time.perf_counter() - start:.1f} s on "
+          f"{jax.devices()[0].device_kind}; {len(prompts)} prompt(s), {kwargs['num_frames']} frames "
+          f"{kwargs['height']}x{kwargs['width']}, {kwargs['steps']} steps, guidance {kwargs['guidance_scale']}")
+    out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value, progress=Progress(), **kwargs)
+    for video, latents, path in zip(out.frames, out.latents, outputs):
+        write_video(video, path, fps=_FPS.value or s.fps)
+        print(f"wrote {path}")
+        if _SAVE_LATENTS.value:
+            np.save(os.path.splitext(path)[0] + "_latents.npy", latents)
+            print(f"wrote {os.path.splitext(path)[0]}_latents.npy")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

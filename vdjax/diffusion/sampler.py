@@ -1,0 +1,75 @@
+"""The whole DDIM denoising loop as one XLA program: model, classifier-free guidance and scheduler step.
+
+`ddim_loop` runs `jax.lax.scan` over the timesteps; the host starts it and receives the final latents. Progress
+reaches the host through `jax.debug.callback` from inside the loop (the device does not wait for the host).
+The model is any pure function `denoise(x, t, context) -> model_output`, e.g. a UNet merged from its `nnx.split`
+state inside the jitted function that calls this.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdjax.diffusion import ddim, schedules
+from vdjax.diffusion.schedules import Schedule
+
+
+def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule: Schedule, *, context: jax.Array,
+              prev_timesteps: np.ndarray | None = None,
+              uncond_context: jax.Array | None = None, guidance_scale: float | jax.Array = 1.0,
+              guidance_rescale: float = 0.0, eta: float | jax.Array = 0.0, key: jax.Array | None = None,
+              set_alpha_to_one: bool = True, progress: Callable[[int, int], None] | None = None) -> jax.Array:
+    """Denoise `x_T` along the descending `timesteps` (a static numpy array). Guidance runs when `uncond_context`
+    is given: the unconditional and conditional halves go through the model as one stacked batch.
+
+    `prev_timesteps`: the timestep each step lands on (default: the next entry, -1 after the last — LDM's rule;
+    diffusers' is `schedules.previous_timesteps(ts, step_ratio=1000 // steps)`)."""
+    timesteps = np.asarray(timesteps)
+    prev = schedules.previous_timesteps(timesteps) if prev_timesteps is None else np.asarray(prev_timesteps)
+    keys = jax.random.split(key if key is not None else jax.random.key(0), len(timesteps))
+    batch = x_T.shape[0]
+
+    def model(x, t):
+        if uncond_context is None:
+            return denoise(x, jnp.full((batch,), t), context)
+        both = denoise(jnp.concatenate([x, x]), jnp.full((2 * batch,), t),
+                       jnp.concatenate([uncond_context, context]))
+        return ddim.guidance(both[:batch], both[batch:], guidance_scale, guidance_rescale)
+
+    def step(x, inputs):
+        i, t, t_prev, k = inputs
+        noise = jax.random.normal(k, x.shape, jnp.float32)
+        x, _ = ddim.ddim_step(schedule, model(x, t), t, t_prev, x, eta=eta, noise=noise,
+                              set_alpha_to_one=set_alpha_to_one)
+        if progress is not None:
+            jax.debug.callback(progress, i + 1, len(timesteps))
+        return x, None
+
+    x, _ = jax.lax.scan(step, x_T.astype(jnp.float32),
+                        (jnp.arange(len(timesteps)), jnp.asarray(timesteps), jnp.asarray(prev), keys))
+    return x
+
+
+def ddim_invert(denoise: Callable, x_0: jax.Array, timesteps: np.ndarray, schedule: Schedule, *, context: jax.Array,
+                progress: Callable[[int, int], None] | None = None) -> jax.Array:
+    """Clean latents -> noise along the same (descending) `timesteps`, deterministically (for editing).
+
+    Each step evaluates the model at the next, noisier timestep on the current latents, as DDIM inversion does."""
+    ascending = np.asarray(timesteps)[::-1]
+    current = np.concatenate([[-1], ascending[:-1]])  # -1: the clean latents (final alpha)
+    batch = x_0.shape[0]
+
+    def step(x, inputs):
+        i, t_from, t_to = inputs
+        out = denoise(x, jnp.full((batch,), t_to), context)
+        x = ddim.ddim_inversion_step(schedule, out, t_from, t_to, x)
+        if progress is not None:
+            jax.debug.callback(progress, i + 1, len(ascending))
+        return x, None
+
+    x, _ = jax.lax.scan(step, x_0.astype(jnp.float32),
+                        (jnp.arange(len(ascending)), jnp.asarray(current), jnp.asarray(ascending)))
+    return x

@@ -1,0 +1,74 @@
+"""Videos on disk: mp4 (H.264 through imageio-ffmpeg), gif, or a folder of PNG frames; and reading them back.
+
+Frames are uint8 `(frames, height, width, 3)`. `check_output(path)` is called before any compute, so that a bad
+path fails in a second, not after sampling.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+WRITABLE = (".mp4", ".gif")
+
+
+def check_output(path: str) -> str:
+    """'mp4' | 'gif' | 'frames' (a folder, written as PNGs) for `path`, or a ValueError saying what works."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    parent = os.path.dirname(os.path.abspath(path))
+    if ext and ext not in WRITABLE:
+        raise ValueError(f"{path}: cannot write {ext!r} videos; use .mp4, .gif, or a folder name (PNG frames)")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: the folder {parent} does not exist; create it first")
+    return ext[1:] if ext else "frames"
+
+
+def to_uint8(frames) -> np.ndarray:
+    """Floats in [-1, 1] (the VAE's output) -> uint8 [0, 255]; uint8 passes through."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return frames
+    return np.round(np.clip((frames.astype(np.float32) + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+
+def write_video(frames, path: str, fps: float = 8.0) -> str:
+    import imageio.v3 as iio
+
+    kind = check_output(path)
+    frames = to_uint8(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (frames, height, width, 3); got shape {frames.shape}")
+    if kind == "frames":
+        os.makedirs(path, exist_ok=True)
+        for i, frame in enumerate(frames):
+            iio.imwrite(os.path.join(path, f"{i:04d}.png"), frame)
+    elif kind == "gif":
+        iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
+    else:
+        # H.264 in yuv420p (plays everywhere) wants even sizes.
+        h, w = frames.shape[1:3]
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        iio.imwrite(path, frames, fps=fps, codec="libx264", plugin="FFMPEG")  # imageio picks yuv420p
+    return path
+
+
+def read_video(path: str) -> np.ndarray:
+    """A video file (mp4, gif, ...) or a folder of images -> uint8 (frames, height, width, 3)."""
+    import imageio.v3 as iio
+
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not names:
+            raise ValueError(f"{path}: no .png/.jpg frames in this folder")
+        frames = np.stack([iio.imread(os.path.join(path, n)) for n in names])
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such video file")
+        try:
+            frames = np.asarray(iio.imread(path, index=None))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be decoded as a video ({e})") from e
+    if frames.ndim == 3:  # grayscale
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    return frames[..., :3]

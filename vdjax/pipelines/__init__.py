@@ -1,0 +1,1 @@
+"""Text/image/video in, video out: the sampling pipelines of each family."""

@@ -1,0 +1,161 @@
+"""Text-to-video: prompts -> tokens -> text encoder -> noise -> jitted DDIM loop -> chunked VAE decode -> frames.
+
+    pipe = T2VPipeline.from_converted("models/sd15_mm_v2")          # or .from_files(config, model=..., ...)
+    video = pipe(["a corgi running on the beach"], num_frames=16, steps=25, seed=0)   # uint8 (B, F, H, W, 3)
+
+Every size and setting is checked before any compute. The sampler compiles once per shape and step count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vdjax.diffusion import schedules
+from vdjax.diffusion.sampler import ddim_loop
+from vdjax.io.video import to_uint8
+from vdjax.models import clip_tokenizer
+
+
+@dataclasses.dataclass
+class T2VOutput:
+    frames: np.ndarray   # uint8 (B, F, H, W, 3)
+    latents: np.ndarray  # float32 (B, F, h, w, C), unscaled by the VAE's scaling factor (as the UNet sees them)
+
+
+def make_schedule(cfg) -> schedules.Schedule:
+    return schedules.Schedule.create(beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+                                     beta_end=cfg.beta_end, num_train_timesteps=cfg.num_train_timesteps,
+                                     prediction_type=cfg.prediction_type,
+                                     rescale_betas_zero_snr=cfg.rescale_betas_zero_snr)
+
+
+class T2VPipeline:
+    def __init__(self, config, unet, vae, text_encoder, tokenizer_folder: str | None = None):
+        self.config, self.unet, self.vae, self.text_encoder = config, unet, vae, text_encoder
+        if tokenizer_folder is None:  # SD 1.x's tokenizer is CLIP's BPE, which vdjax bundles
+            tokenizer_folder = clip_tokenizer.write_tokenizer_folder(tempfile.mkdtemp(prefix="vdjax_tokenizer_"))
+        self.tokenizer = clip_tokenizer.load_tokenizer(tokenizer_folder)
+        self.schedule = make_schedule(config.schedule)
+        self._unet_graph, self._unet_state = nnx.split(unet)
+        self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress"))
+        self._encode = nnx.jit(lambda m, ids, skip: m(ids, skip=skip).last_hidden_state, static_argnums=2)
+        self._decode = nnx.jit(lambda m, z, chunk: m.decode_video(z, chunk_size=chunk), static_argnums=2)
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_converted(cls, folder: str, **kw) -> "T2VPipeline":
+        from vdjax.convert import converted
+
+        config, models = converted.load(folder, **kw)
+        tokenizer = os.path.join(folder, "tokenizer")
+        return cls(config, models["unet"], models["vae"], models["text_encoder"],
+                   tokenizer if os.path.isdir(tokenizer) else None)
+
+    @classmethod
+    def from_files(cls, config, **files) -> "T2VPipeline":
+        """PyTorch files / snapshot folders converted at load time (see vdjax.convert.sources.load_models)."""
+        from vdjax.convert import sources
+
+        models = sources.load_models(config, **files)
+        missing = [p for p in ("unet", "vae", "text_encoder") if p not in models]
+        if missing:
+            raise ValueError(f"no weights given for {', '.join(missing)}: pass a whole model (--model) or each part")
+        return cls(config, models["unet"], models["vae"], models["text_encoder"], models.get("tokenizer_folder"))
+
+    @classmethod
+    def random_init(cls, config, seed: int = 0) -> "T2VPipeline":
+        """Random weights: for smoke tests and benchmarks (the video is noise)."""
+        from vdjax.models.clip import CLIPTextModel
+        from vdjax.models.unet3d import UNet3D
+        from vdjax.models.vae import AutoencoderKL
+
+        rngs = nnx.Rngs(seed)
+        return cls(config, UNet3D(config.unet, rngs=rngs), AutoencoderKL(config.vae, rngs=rngs),
+                   CLIPTextModel(config.text_encoder, rngs=rngs))
+
+    # ---- checks ------------------------------------------------------------------------------------------------
+    @property
+    def pixel_factor(self) -> int:
+        return self.vae.downsampling_factor * self.unet.downsampling_factor
+
+    def check(self, *, num_frames: int, height: int, width: int, steps: int, guidance_scale: float, eta: float):
+        f = self.pixel_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f} for this model; got {height}x{width}"
+                             f" (e.g. {max(f, height - height % f)}x{max(f, width - width % f)})")
+        motion = self.config.unet.motion
+        if num_frames < 1 or (motion.kind != "none" and motion.max_positions and num_frames > motion.max_positions):
+            raise ValueError(f"num_frames={num_frames}; this model takes 1 to {motion.max_positions} frames")
+        if steps < 1:
+            raise ValueError(f"steps={steps}; use at least 1 sampling step")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale}; use 0 or more (1 = no guidance)")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta={eta}; DDIM's eta is in [0, 1] (0 = deterministic)")
+
+    # ---- stages -----------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+        ids = clip_tokenizer.tokenize(self.tokenizer, list(prompts), self.config.text_encoder.max_position_embeddings)
+        return self._encode(self.text_encoder, jnp.asarray(ids), int(self.config.sample.clip_skip))
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        cfg = self.config.schedule
+        return schedules.timesteps(self.schedule, steps, spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+
+    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, *, steps, guided, progress):
+        unet = nnx.merge(self._unet_graph, unet_state)
+        ts = self.timesteps(steps)
+        # diffusers' DDIMScheduler steps from t to t - num_train_timesteps // steps (not always the next entry).
+        prev = schedules.previous_timesteps(ts, step_ratio=self.config.schedule.num_train_timesteps // steps)
+        return ddim_loop(lambda x, t, c: unet(x, t, c), x_T, ts, self.schedule, prev_timesteps=prev,
+                         context=context, uncond_context=uncond if guided else None, guidance_scale=guidance_scale,
+                         guidance_rescale=self.config.sample.guidance_rescale, eta=eta, key=key,
+                         set_alpha_to_one=self.config.schedule.set_alpha_to_one, progress=progress)
+
+    def sample_latents(self, x_T, context, uncond, *, steps: int, guidance_scale: float, eta: float, key,
+                       progress: Callable | None = None) -> jax.Array:
+        guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at scale <= 1
+        return self._sample(self._unet_state, x_T, context, uncond, jnp.float32(guidance_scale), jnp.float32(eta),
+                            key, steps=steps, guided=guided, progress=progress)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return self._decode(self.vae, latents / self.config.vae.scaling_factor, int(self.config.sample.vae_chunk_size))
+
+    # ---- the whole thing --------------------------------------------------------------------------------------
+    def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, eta: float | None = None,
+                 seed: int | None = None, latents: jax.Array | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> T2VOutput:
+        s = self.config.sample
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
+        steps = s.steps if steps is None else steps
+        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        eta = s.eta if eta is None else eta
+        self.check(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale,
+                   eta=eta)
+        negative = negative_prompt if negative_prompt is not None else s.negative_prompt
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        key = jax.random.key(s.seed if seed is None else seed)
+        noise_key, loop_key = jax.random.split(key)
+        f = self.vae.downsampling_factor
+        shape = (len(prompts), num_frames, height // f, width // f, self.config.unet.in_channels)
+        x_T = jax.random.normal(noise_key, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
+        if x_T.shape != shape:
+            raise ValueError(f"latents must have shape {shape}; got {x_T.shape}")
+        context = self.encode_prompts(prompts)
+        uncond = self.encode_prompts(negative)
+        z = self.sample_latents(x_T, context, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta,
+                                key=loop_key, progress=progress)
+        frames = self.decode(z)
+        return T2VOutput(to_uint8(np.asarray(frames)), np.asarray(z))
