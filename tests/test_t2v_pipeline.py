@@ -131,3 +131,16 @@ def test_sample_cli_writes_a_video(tmp_path):
     bad = subprocess.run(cmd[:-2] + [f"--output={tmp_path / 'nope' / 'v.mp4'}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_pipeline_from_a_converted_folder_samples_the_same(pipes, runs, tmp_path):
+    from vdjax.convert import converted
+
+    _, ours = pipes
+    x_T, out, _ = runs
+    models = {"unet": ours.unet, "vae": ours.vae, "text_encoder": ours.text_encoder}
+    converted.save(str(tmp_path / "model"), ours.config, models)
+    again = T2VPipeline.from_converted(str(tmp_path / "model"))
+    second = again(PROMPTS, latents=x_T, negative_prompt=NEGATIVE, num_frames=FRAMES, height=SIZE, width=SIZE,
+                   steps=STEPS, guidance_scale=GUIDANCE)
+    np.testing.assert_array_equal(second.latents, out.latents)
