@@ -1,0 +1,123 @@
+"""The train step: one pure function, jitted once with the state donated and every input placed on the mesh.
+
+Noise-prediction loss on VAE latents of the batch's videos (frozen VAE and text encoder inside the step), epsilon
+or v target per the family's schedule; gradients only for the trainable parameters; AdamW; EMA.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vdjax import parallel
+from vdjax.models.vae import Posterior
+from vdjax.train.state import TrainState, init_state, lr_schedule, make_optimizer, split_trainable
+
+REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the frozen parts and the compiled step; `state` is passed in and out (donated)."""
+    config: Any
+    unet: nnx.Module
+    vae: nnx.Module
+    text_encoder: nnx.Module
+    mesh: jax.sharding.Mesh | None = None
+
+    def __post_init__(self):
+        cfg = self.config
+        from vdjax.pipelines.t2v import make_schedule  # the family's noise schedule
+
+        self.alphas_cumprod = jnp.asarray(make_schedule(cfg.schedule).alphas_cumprod, jnp.float32)
+        self.graphdef, trainable, self.frozen = split_trainable(self.unet, cfg.train.trainable)
+        self.vae_graph, self.vae_state = nnx.split(self.vae)
+        self.text_graph, self.text_state = nnx.split(self.text_encoder)
+        self.tx = make_optimizer(cfg.train)
+        self.lr = lr_schedule(cfg.train)
+        self._trainable_template = trainable
+        if cfg.train.remat not in REMAT:
+            raise ValueError(f"train.remat={cfg.train.remat!r}; choose one of {sorted(REMAT)}")
+        self.mesh = self.mesh or parallel.make_mesh(dict(cfg.train.mesh))
+        shardings = parallel.param_shardings(self.unet, self.mesh)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(state):  # every parameter into the sharding its logical axes give
+            flat = nnx.to_flat_state(state)
+            for path, var in flat:
+                var.set_value(jax.device_put(var.get_value(), shardings.get(path, replicated)))
+            return nnx.from_flat_state(flat)
+        self.frozen = place(self.frozen)
+        self._trainable_template = place(trainable)
+        self.vae_state = jax.device_put(self.vae_state, replicated)
+        self.text_state = jax.device_put(self.text_state, replicated)
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        self._step = jax.jit(self._step_fn, donate_argnums=0)
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self._trainable_template))
+
+    @property
+    def frozen_count(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self.frozen, nnx.Param)))
+
+    def init(self, seed: int) -> TrainState:
+        return init_state(self._trainable_template, self.tx, seed)
+
+    def shard_batch(self, batch: dict) -> dict:
+        size = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        n = len(batch["input_ids"])
+        if n % size:
+            raise ValueError(f"batch size {n} is not divisible by the mesh's data x fsdp = {size}; choose a "
+                             f"multiple of {size}")
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self._step(state, self.frozen, self.vae_state, self.text_state, self.shard_batch(batch))
+
+    def _step_fn(self, state, frozen, vae_state, text_state, batch):
+        cfg = self.config
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, k_t, k_noise, k_z = jax.random.split(rng, 4)
+        video = batch["video"]  # (B, F, H, W, 3) in [-1, 1]
+        b, f = video.shape[:2]
+        vae = nnx.merge(self.vae_graph, vae_state)
+        moments = vae.quant_conv(vae.encoder(video.reshape(b * f, *video.shape[2:])))
+        z = Posterior(moments).sample(k_z) * cfg.vae.scaling_factor
+        z = jax.lax.stop_gradient(z.reshape(b, f, *z.shape[1:]))
+        context = jax.lax.stop_gradient(nnx.merge(self.text_graph, text_state)(batch["input_ids"]).last_hidden_state)
+        t = jax.random.randint(k_t, (b,), 0, len(self.alphas_cumprod))
+        noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+        a = self.alphas_cumprod[t][:, None, None, None, None]
+        noisy = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
+        if cfg.schedule.prediction_type == "v_prediction":
+            target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * z
+        elif cfg.schedule.prediction_type == "epsilon":
+            target = noise
+        else:
+            raise ValueError(f"training supports epsilon and v_prediction, not {cfg.schedule.prediction_type!r}")
+
+        def loss_fn(trainable):
+            unet = nnx.merge(self.graphdef, trainable, frozen)
+            pred = unet(noisy, t, context)
+            return jnp.mean(jnp.square(pred - target))
+
+        policy = REMAT[cfg.train.remat]
+        if policy is not None:
+            loss_fn = jax.checkpoint(loss_fn, policy=policy)
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        decay = cfg.train.ema_decay
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, trainable)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
+        new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema,
+                         rng=jax.random.key_data(rng))
+        return new, metrics
