@@ -1,0 +1,1 @@
+"""Training data: procedural and folder-based video sources."""

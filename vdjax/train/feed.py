@@ -1,0 +1,53 @@
+"""A random-access source of examples -> a deterministic, resumable stream of tokenised training batches.
+
+Batch n of the stream is a pure function of (seed, n): an epoch is a seeded permutation of the examples, this
+host takes its slice of every global batch (`jax.process_index()` of `jax.process_count()`), and the stream's
+state is just the next batch number, so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+
+class BatchStream:
+    def __init__(self, source: Sequence[dict], *, global_batch: int, seed: int, tokenize: Callable,
+                 caption_dropout: float = 0.0, process_index: int | None = None, process_count: int | None = None):
+        self.source, self.seed, self.tokenize, self.dropout = source, seed, tokenize, caption_dropout
+        self.count = jax.process_count() if process_count is None else process_count
+        self.index = jax.process_index() if process_index is None else process_index
+        if len(source) == 0:
+            raise ValueError("the dataset is empty; check the data folder / config.data")
+        if global_batch % self.count:
+            raise ValueError(f"global batch {global_batch} does not split over {self.count} hosts")
+        self.global_batch, self.local_batch = global_batch, global_batch // self.count
+        self.next = 0
+
+    def get_state(self) -> dict:
+        return {"next": self.next, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the checkpoint's data seed {state['seed']} differs from this run's {self.seed}")
+        self.next = int(state["next"])
+
+    def _indices(self, n: int) -> np.ndarray:
+        per_epoch = max(len(self.source) // self.global_batch, 1)
+        epoch, within = divmod(n, per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        order = np.resize(order, per_epoch * self.global_batch)  # tiny datasets repeat to fill a batch
+        batch = order[within * self.global_batch:(within + 1) * self.global_batch]
+        return batch[self.index * self.local_batch:(self.index + 1) * self.local_batch]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        examples = [self.source[int(i)] for i in self._indices(self.next)]
+        rng = np.random.default_rng([self.seed, self.next, 1])
+        captions = [e["caption"] if rng.random() >= self.dropout else "" for e in examples]  # CFG's dropout
+        self.next += 1
+        video = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+        return {"video": video, "input_ids": np.asarray(self.tokenize(captions), np.int32)}
