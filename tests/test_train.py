@@ -221,3 +221,10 @@ def test_a_tiny_model_overfits_one_moving_shapes_clip(trainer):
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     print(f"overfit: loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
     assert first / last >= 1.5
+
+
+def test_tpu_launcher_dry_run_prints_the_command():
+    result = subprocess.run(["bash", "launch/tpu/run.sh", "--dry-run", "my-tpu", "us-central2-b", "--", "python",
+                             "launch/train.py", "--distributed"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--worker=all" in result.stdout and "launch/train.py" in result.stdout
