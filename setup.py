@@ -20,6 +20,7 @@ setup(
         "transformers>=4.40",  # CLIPTokenizer only; the models are vdjax's own
         "ftfy>=6.1",  # OpenCLIP's text cleaning
         "regex>=2023.0",  # CLIP's word pattern (\p{L}, \p{N})
+        "grain>=0.2",  # the training input pipeline (vdjax.data.pipeline)
         "safetensors>=0.4",
         "numpy>=1.26",
     ],

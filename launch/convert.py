@@ -10,14 +10,13 @@ whole conversion succeeds.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import parse_lora
+from launch_helpers import ProgressBar, parse_lora
 from vdjax.convert import converted, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
@@ -32,25 +31,12 @@ _OUTPUT = flags.DEFINE_string("output", None, "Folder to write (must not exist u
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
-class Progress:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self, part, i, n, key):
-        width = 30
-        done = int(width * i / n)
-        sys.stderr.write(f"\r{part:<13}[{'#' * done}{'.' * (width - done)}] {i}/{n} {time.perf_counter() - self.start:6.1f}s")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def main(argv):
     del argv
     start = time.perf_counter()
     files = dict(model=_MODEL.value, unet=_UNET.value, motion_module=_MOTION.value, vae=_VAE.value,
                  text_encoder=_TEXT.value)
-    models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), progress=Progress(),
+    models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), progress=lambda part, i, n, key, bar=ProgressBar(): bar(part, i, n),
                                  loras=[parse_lora(s) for s in _LORA.value], **files)
     summary = converted.save(_OUTPUT.value, _CONFIG.value, models, overwrite=_OVERWRITE.value,
                              sources={k: v for k, v in files.items() if v} | {"lora": _LORA.value})

@@ -12,7 +12,6 @@ any compute.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import parse_lora
+from launch_helpers import ProgressBar, parse_lora
 from vdjax.io.video import check_output, write_video
 from vdjax.pipelines.t2v import T2VPipeline
 
@@ -86,21 +85,6 @@ def _pipeline(config) -> T2VPipeline:
     return T2VPipeline.from_files(config, loras=[parse_lora(s) for s in _LORA.value], **files)
 
 
-class Progress:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self, i, n):
-        i, n = int(i), int(n)
-        width = 30
-        done = int(width * i / n)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\rsampling [{'#' * done}{'.' * (width - done)}] {i}/{n} steps {elapsed:6.1f}s")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -120,7 +104,7 @@ def main(argv):
     print(f"loaded {config.family} {config.variant} in {time.perf_counter() - start:.1f} s on "
           f"{jax.devices()[0].device_kind}; {len(prompts)} prompt(s), {kwargs['num_frames']} frames "
           f"{kwargs['height']}x{kwargs['width']}, {kwargs['steps']} steps, guidance {kwargs['guidance_scale']}")
-    out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value, progress=Progress(), **kwargs)
+    out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value, progress=lambda i, n, bar=ProgressBar(): bar("sampling", i, n), **kwargs)
     for video, latents, path in zip(out.frames, out.latents, outputs):
         write_video(video, path, fps=_FPS.value or s.fps)
         print(f"wrote {path}")

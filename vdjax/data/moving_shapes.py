@@ -61,6 +61,10 @@ def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
     return {"video": video, "caption": caption, "first_frame": video[0], "mask": mask}
 
 
+# A TFDS builder (a `tfds.core.GeneratorBasedBuilder` writing these clips to array_record, read back through
+# `grain.sources.ArrayRecordDataSource`) would go next to this file, e.g. `vdjax/data/tfds_moving_shapes.py`.
+# It is out of scope for now: preparing a TFDS dataset needs TensorFlow, and clips this small are cheaper to make on
+# the fly than to read.
 class MovingShapes:
     """Random-access source (len, getitem) of `make_clip` examples."""
 
