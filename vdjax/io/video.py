@@ -49,7 +49,8 @@ def write_video(frames, path: str, fps: float = 8.0) -> str:
         # H.264 in yuv420p (plays everywhere) wants even sizes.
         h, w = frames.shape[1:3]
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        iio.imwrite(path, frames, fps=fps, codec="libx264", plugin="FFMPEG")  # imageio picks yuv420p
+        # macro_block_size=1: keep the size (imageio would otherwise scale it up to a multiple of 16).
+        iio.imwrite(path, frames, fps=fps, codec="libx264", plugin="FFMPEG", macro_block_size=1)
     return path
 
 
