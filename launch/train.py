@@ -17,9 +17,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vdjax.data.moving_shapes import MovingShapes
+from vdjax.data.pipeline import make_dataset
+from vdjax.data.video_folder import VideoFolder
 from vdjax.models import clip_tokenizer
 from vdjax.pipelines.t2v import T2VPipeline
-from vdjax.train.feed import BatchStream
+from vdjax.train.feed import BatchStream, TokenizedBatches
 from vdjax.train.loop import train
 from vdjax.train.step import Trainer
 
@@ -31,11 +33,21 @@ _STEPS = flags.DEFINE_integer("num_steps", None, "Stop after this many steps (de
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 
 
-def make_source(config):
-    d = config.data
+def make_batches(config, tokenize):
+    """moving_shapes: made on the fly; video_folder: a user's videos through the grain pipeline. Both resumable."""
+    d, t = config.data, config.train
     if d.source == "moving_shapes":
-        return MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=config.train.seed)
-    raise ValueError(f"config.data.source={d.source!r}; available: 'moving_shapes' (video_folder: issue #6 follow-up)")
+        source = MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=t.seed)
+        return BatchStream(source, global_batch=t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
+                           tokenize=tokenize)
+    if d.source == "video_folder":
+        if t.batch_size % jax.process_count():
+            raise ValueError(f"train.batch_size {t.batch_size} does not split over {jax.process_count()} hosts")
+        dataset = make_dataset(VideoFolder(d.folder), batch_size=t.batch_size // jax.process_count(),
+                               num_frames=d.num_frames, size=d.size, seed=t.seed, frame_stride=d.frame_stride,
+                               caption_dropout=t.caption_dropout)
+        return TokenizedBatches(iter(dataset), tokenize)
+    raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes' or 'video_folder'")
 
 
 def main(argv):
@@ -51,9 +63,7 @@ def main(argv):
     print(f"trainable parameters: {trainer.trainable_count:,} (of {trainer.trainable_count + trainer.frozen_count:,});"
           f" devices: {jax.device_count()} on {jax.process_count()} host(s); mesh {dict(trainer.mesh.shape)}")
     tokenizer = pipe.tokenizer
-    stream = BatchStream(make_source(config), global_batch=config.train.batch_size, seed=config.train.seed,
-                         caption_dropout=config.train.caption_dropout,
-                         tokenize=lambda c: clip_tokenizer.tokenize(tokenizer, c,
+    stream = make_batches(config, lambda c: clip_tokenizer.tokenize(tokenizer, c,
                                                                     config.text_encoder.max_position_embeddings))
     train(trainer, _WORKDIR.value, stream, num_steps=_STEPS.value, data_state=stream.get_state,
           set_data_state=stream.set_state, log=lambda v: print(

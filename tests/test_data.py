@@ -162,3 +162,23 @@ def test_video_folder_errors(tmp_path):
     (tmp_path / "captions.csv").write_text("clip,text\na.mp4,x\n")
     with pytest.raises(ValueError, match="needs 'video' and 'caption'"):
         VideoFolder(str(tmp_path))
+
+
+def test_video_folder_feeds_the_trainer_resumably(folder):
+    """The grain stream as the trainer sees it: videos in [-1, 1] and token ids, with a resumable state."""
+    from vdjax.train.feed import TokenizedBatches
+
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    tokenize = lambda captions: np.asarray([[len(c)] * 77 for c in captions])
+    make = lambda: TokenizedBatches(iter(make_dataset(VideoFolder(str(folder)), batch_size=2, num_frames=4, size=16,
+                                                      seed=0)), tokenize)
+    stream = make()
+    first = next(stream)
+    assert first["video"].shape == (2, 4, 16, 16, 3) and first["input_ids"].shape == (2, 77)
+    assert first["video"].min() >= -1 and first["video"].max() <= 1
+    state = json.loads(json.dumps(stream.get_state()))
+    expected = next(stream)
+    again = make()
+    again.set_state(state)
+    resumed = next(again)
+    assert all(np.array_equal(resumed[k], expected[k]) for k in expected)

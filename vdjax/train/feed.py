@@ -51,3 +51,25 @@ class BatchStream:
         self.next += 1
         video = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1.0
         return {"video": video, "input_ids": np.asarray(self.tokenize(captions), np.int32)}
+
+
+class TokenizedBatches:
+    """A grain iterator of vdjax.data.pipeline batches -> the trainer's {'video', 'input_ids'}, with its
+    get_state/set_state passed through, so checkpoints resume the data stream too."""
+
+    def __init__(self, iterator, tokenize: Callable):
+        self.iterator, self.tokenize = iterator, tokenize
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.iterator)
+        return {"video": np.asarray(batch["video"], np.float32),
+                "input_ids": np.asarray(self.tokenize(list(batch["caption"])), np.int32)}
