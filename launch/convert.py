@@ -16,16 +16,11 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import ProgressBar, parse_lora
+from launch_helpers import ProgressBar, WeightFlags
 from vdjax.convert import converted, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
-_MODEL = flags.DEFINE_string("model", None, "A whole model: single checkpoint file or diffusers snapshot folder.")
-_UNET = flags.DEFINE_string("unet", None, "UNet weights (file or component folder).")
-_MOTION = flags.DEFINE_string("motion_module", None, "AnimateDiff motion module (mm_*.ckpt) or MotionAdapter folder.")
-_VAE = flags.DEFINE_string("vae", None, "VAE weights (file or component folder).")
-_TEXT = flags.DEFINE_string("text_encoder", None, "Text encoder weights (file or component folder).")
-_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file with its scale, PATH:SCALE (scale 1.0 if omitted); repeatable.")
+_WEIGHTS = WeightFlags()
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored parameter dtype.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write (must not exist unless --overwrite).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
@@ -34,12 +29,11 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 def main(argv):
     del argv
     start = time.perf_counter()
-    files = dict(model=_MODEL.value, unet=_UNET.value, motion_module=_MOTION.value, vae=_VAE.value,
-                 text_encoder=_TEXT.value)
+    files = _WEIGHTS.files()
     models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), progress=lambda part, i, n, key, bar=ProgressBar(): bar(part, i, n),
-                                 loras=[parse_lora(s) for s in _LORA.value], **files)
+                                 loras=_WEIGHTS.loras(), **files)
     summary = converted.save(_OUTPUT.value, _CONFIG.value, models, overwrite=_OVERWRITE.value,
-                             sources={k: v for k, v in files.items() if v} | {"lora": _LORA.value})
+                             sources=files | {"lora": [p for p, _ in _WEIGHTS.loras()]})
     print(f"{'part':<14}{'parameters':>15}{'MiB':>10}  dtype")
     for part, info in summary["parts"].items():
         print(f"{part:<14}{info['parameters']:>15,}{info['bytes'] / 2**20:>10.1f}  {info['dtype']}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+from absl import flags
+
 
 def parse_lora(spec: str) -> tuple[str, float]:
     """'path/to/lora.safetensors:0.8' -> (path, 0.8); no scale (or a ':' inside the path) -> scale 1.0."""
@@ -30,3 +32,27 @@ class ProgressBar:
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+class WeightFlags:
+    """--model/--unet/--motion_module/--vae/--text_encoder/--lora, shared by the scripts that read PyTorch files."""
+
+    def __init__(self):
+        self._files = {
+            "model": flags.DEFINE_string("model", None, "A whole PyTorch model: single file or diffusers snapshot "
+                                                        "folder."),
+            "unet": flags.DEFINE_string("unet", None, "UNet weights (file or component folder)."),
+            "motion_module": flags.DEFINE_string("motion_module", None, "AnimateDiff motion module (mm_*.ckpt) or "
+                                                                        "MotionAdapter folder."),
+            "vae": flags.DEFINE_string("vae", None, "VAE weights (file or component folder)."),
+            "text_encoder": flags.DEFINE_string("text_encoder", None, "Text encoder weights (file or folder)."),
+        }
+        self._lora = flags.DEFINE_multi_string("lora", [], "LoRA file with its scale, PATH:SCALE (1.0 if omitted); "
+                                                           "repeatable.")
+
+    def files(self) -> dict:
+        """{part: path} of the flags given (for vdjax.convert.sources.load_models)."""
+        return {k: f.value for k, f in self._files.items() if f.value}
+
+    def loras(self) -> list[tuple[str, float]]:
+        return [parse_lora(s) for s in self._lora.value]

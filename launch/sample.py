@@ -19,18 +19,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import ProgressBar, parse_lora
+from launch_helpers import ProgressBar, WeightFlags
 from vdjax.io.video import check_output, write_video
 from vdjax.pipelines.t2v import T2VPipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted model folder (launch/convert.py).")
-_MODEL = flags.DEFINE_string("model", None, "A whole PyTorch model: single file or diffusers snapshot folder.")
-_UNET = flags.DEFINE_string("unet", None, "UNet weights.")
-_MOTION = flags.DEFINE_string("motion_module", None, "AnimateDiff motion module (mm_*.ckpt) or MotionAdapter folder.")
-_VAE = flags.DEFINE_string("vae", None, "VAE weights.")
-_TEXT = flags.DEFINE_string("text_encoder", None, "Text encoder weights.")
-_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file with its scale, PATH:SCALE; repeatable.")
+_WEIGHTS = WeightFlags()
 _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights (smoke tests; the video is noise).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several videos.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
@@ -70,9 +65,7 @@ def _outputs(n: int) -> list[str]:
 
 
 def _pipeline(config) -> T2VPipeline:
-    files = dict(model=_MODEL.value, unet=_UNET.value, motion_module=_MOTION.value, vae=_VAE.value,
-                 text_encoder=_TEXT.value)
-    given = {k: v for k, v in files.items() if v}
+    given = _WEIGHTS.files()
     if _RANDOM.value:
         print("weights: random (--random_init)")
         return T2VPipeline.random_init(config)
@@ -82,7 +75,7 @@ def _pipeline(config) -> T2VPipeline:
     if not given:
         raise app.UsageError("no weights: give --checkpoint, --model (and --motion_module), or --random_init")
     print("weights: " + ", ".join(f"{k}={v}" for k, v in given.items()))
-    return T2VPipeline.from_files(config, loras=[parse_lora(s) for s in _LORA.value], **files)
+    return T2VPipeline.from_files(config, loras=_WEIGHTS.loras(), **given)
 
 
 def main(argv):
