@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from typing import Iterator, Mapping
 
 import ml_dtypes
@@ -126,7 +127,9 @@ def _read_safetensors(path: str) -> LazyStateDict:
         if len(data) != nbytes:
             raise corrupt(f"tensor {key!r} is cut short")
         return np.frombuffer(data, dtype).reshape(shape)
-    return LazyStateDict(path, {k: e[1] for k, e in entries.items()}, load)
+    state = LazyStateDict(path, {k: e[1] for k, e in entries.items()}, load)
+    weakref.finalize(state, os.close, fd)  # the file stays open while its state dict can still be read
+    return state
 
 
 def _read_sharded_safetensors(index_path: str) -> LazyStateDict:
