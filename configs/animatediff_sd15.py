@@ -81,11 +81,13 @@ def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
         trainable=("motion_modules",), learning_rate=1e-4, schedule="constant", warmup_steps=100,
         num_steps=100_000, batch_size=8, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, weight_decay=1e-2,
         grad_accum_steps=1, ema_decay=0.9999, remat="none", seed=0, log_every=10, checkpoint_every=1000,
-        keep_checkpoints=3, caption_dropout=0.1, mesh=dict(data=-1, fsdp=1, tensor=1)))
+        keep_checkpoints=3, caption_dropout=0.1, mesh=dict(data=-1, fsdp=1, tensor=1),
+        # A sample video (EMA weights, config.sample's settings) every this many steps; 0: never.
+        sample_every=5000, sample_prompt="a red circle and a blue square moving right"))
     config.data = ml_collections.ConfigDict(dict(source="moving_shapes", folder="", num_examples=10_000,
                                                  num_frames=16, size=256, frame_stride=1))
     if tiny:
         config.train.update(batch_size=2, warmup_steps=5, num_steps=200, ema_decay=0.99, log_every=5,
-                            checkpoint_every=20, learning_rate=1e-3)
+                            checkpoint_every=20, learning_rate=1e-3, sample_every=0)
         config.data.update(num_examples=64, num_frames=8, size=32)
     return config

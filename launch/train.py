@@ -5,7 +5,10 @@
         --checkpoint=models/sd15_mm_v2 --config.train.batch_size=64
 
 Resumes from --workdir's checkpoints; SIGTERM (a preempted TPU VM) saves at the current step and exits. Metrics
-go to the log and to WORKDIR/metrics.jsonl. Multi-host: every host runs this same command (see launch/tpu/).
+(loss, grad norm, lr, steps/s, examples/s, MFU on known chips) go to the log, WORKDIR/metrics.jsonl and TensorBoard
+(`tensorboard --logdir WORKDIR/tensorboard`); sample videos to WORKDIR/samples every config.train.sample_every steps.
+Multi-host: every host runs this same command with --distributed (see launch/tpu/); by hand, e.g. two processes on
+one machine: --distributed --coordinator=127.0.0.1:1234 --num_processes=2 --process_id=0 (and 1).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 
 import jax
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from vdjax.data.moving_shapes import MovingShapes
@@ -30,7 +34,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the ru
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Start from a converted model folder (launch/convert.py); "
                                   "default: random initialisation.")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Stop after this many steps (default: config.train.num_steps).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs). On "
+                                  "TPU VMs and SLURM the processes find each other; elsewhere set the three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (with --distributed, off TPU/SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
 
 
 def make_batches(config, tokenize):
@@ -50,11 +58,27 @@ def make_batches(config, tokenize):
     raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes' or 'video_folder'")
 
 
+def make_sampler(pipe: T2VPipeline, trainer: Trainer, config):
+    """state -> a uint8 sample video made with the run's EMA weights and config.sample's settings."""
+    def sample(state):
+        pipe.set_unet(nnx.merge(trainer.graphdef, state.ema, trainer.frozen))
+        s = config.sample  # this run's settings (a converted model folder carries its own config)
+        return pipe([config.train.sample_prompt], num_frames=s.num_frames, height=s.height, width=s.width,
+                    steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, seed=config.train.seed).frames
+    return sample
+
+
+def _print_metrics(v: dict) -> None:
+    mfu = f" MFU {v['mfu']:.1%}" if "mfu" in v else ""
+    print(f"step {v['step']}: loss {v['loss']:.4f} grad_norm {v['grad_norm']:.3f} lr {v['lr']:.2e} "
+          f"{v['steps_per_s']:.2f} steps/s {v['examples_per_s']:.1f} examples/s{mfu}", flush=True)
+
+
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     os.makedirs(_WORKDIR.value, exist_ok=True)
     pipe = (T2VPipeline.from_converted(_CHECKPOINT.value) if _CHECKPOINT.value
@@ -66,9 +90,7 @@ def main(argv):
     stream = make_batches(config, lambda c: clip_tokenizer.tokenize(tokenizer, c,
                                                                     config.text_encoder.max_position_embeddings))
     train(trainer, _WORKDIR.value, stream, num_steps=_STEPS.value, data_state=stream.get_state,
-          set_data_state=stream.set_state, log=lambda v: print(
-              f"step {v['step']}: loss {v['loss']:.4f} grad_norm {v['grad_norm']:.3f} lr {v['lr']:.2e} "
-              f"{v['steps_per_s']:.2f} steps/s {v['examples_per_s']:.1f} examples/s", flush=True))
+          set_data_state=stream.set_state, log=_print_metrics, sample=make_sampler(pipe, trainer, config))
     print(f"done: {_WORKDIR.value}")
 
 

@@ -137,13 +137,18 @@ def _train_cmd(workdir, model_folder, steps, *extra):
             "--config.data.num_frames=4", *extra]
 
 
-def _final_params(workdir):
+def _final_params(workdir, step=None):
+    """The parameters of the last (or the given) checkpoint, restored onto this process's one device."""
     import orbax.checkpoint as ocp
 
     ckpt = os.path.join(workdir, "checkpoints")
-    step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(step), "state"))
-    return step, state
+    step = step or max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    path = os.path.join(ckpt, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    return step, checkpointer.restore(path, target)
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -156,14 +161,33 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.2)
 
 
-def test_a_killed_run_resumes_to_the_same_parameters(model_folder, tmp_path):
+@pytest.fixture(scope="module")
+def clean_run(model_folder, tmp_path_factory):
+    """An uninterrupted 8-step run on one process, with a (short) sample video at step 8."""
+    workdir = tmp_path_factory.mktemp("clean")
+    clean = subprocess.run(_train_cmd(workdir, model_folder, 8, "--config.train.sample_every=8",
+                                      "--config.sample.steps=2", "--config.sample.num_frames=4"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    return workdir
+
+
+def test_a_run_writes_metrics_summaries_and_samples(clean_run):
+    metrics = [json.loads(line) for line in (clean_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert all({"loss", "grad_norm", "lr", "steps_per_s", "examples_per_s"} <= set(m) for m in metrics)
+    events = list((clean_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from vdjax.io.video import read_video
+    video = read_video(str(clean_run / "samples" / "step_0000008.gif"))
+    assert video.shape == (4, 32, 32, 3)
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(clean_run, model_folder, tmp_path):
     """SIGKILL after the step-4 checkpoint, restart: the final parameters equal an uninterrupted run's."""
     import signal
 
     steps = 8
-    clean = subprocess.run(_train_cmd(tmp_path / "clean", model_folder, steps), cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-3000:]
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(workdir, model_folder, steps), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -174,9 +198,51 @@ def test_a_killed_run_resumes_to_the_same_parameters(model_folder, tmp_path):
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
-    (step_a, a), (step_b, b) = _final_params(tmp_path / "clean"), _final_params(workdir)
+    (step_a, a), (step_b, b) = _final_params(clean_run), _final_params(workdir)
     assert step_a == step_b == steps
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(clean_run, model_folder, tmp_path):
+    """Two processes on 127.0.0.1 (jax.distributed, one CPU device each, data axis 2) train 4 steps, each host
+    feeding only its half of every global batch of 2: the parameters equal the one-process run's (which feeds both
+    rows) to 1e-5 — the same math with the batch mean summed across devices in another order. Had both hosts fed
+    the same rows, the gradients, and so the parameters, would differ by far more."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "two_hosts"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen(_train_cmd(workdir, model_folder, 4, "--distributed", f"--coordinator=127.0.0.1:{port}",
+                                         "--num_processes=2", f"--process_id={i}"),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "devices: 2 on 2 host(s)" in outputs[0]
+    (step_a, a), (step_b, b) = _final_params(clean_run, 4), _final_params(workdir)
+    assert step_a == step_b == 4
+    diff = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+    print(f"two processes vs one: max parameter difference {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_every_host_gets_its_own_rows_of_the_same_global_batch():
+    from vdjax.train.feed import BatchStream
+
+    source = [{"video": np.full((2, 4, 4, 3), i, np.uint8), "caption": f"clip {i}"} for i in range(10)]
+    kw = dict(global_batch=4, seed=3, tokenize=lambda captions: [[len(c)] for c in captions], caption_dropout=0.5)
+    one = BatchStream(source, process_index=0, process_count=1, **kw)
+    hosts = [BatchStream(source, process_index=i, process_count=2, **kw) for i in range(2)]
+    for _ in range(5):
+        whole, parts = next(one), [next(h) for h in hosts]
+        for key in ("video", "input_ids"):
+            np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
+        assert not np.array_equal(parts[0]["video"], parts[1]["video"])
 
 
 def test_sigterm_saves_at_the_current_step_and_exits_cleanly(model_folder, tmp_path):

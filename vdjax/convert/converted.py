@@ -91,7 +91,7 @@ def load(folder: str, *, parts=None, shardings_for=None) -> tuple[ml_collections
         graphdef, state = nnx.split(abstract, nnx.Param)
         shardings = shardings_for(abstract) if shardings_for else {}
         flat = dict(nnx.to_flat_state(state))
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        default = _replicated()
         dtype = saved.get(part, {}).get("dtype")  # parameters were stored in the dtype asked for at conversion
         for p, var in flat.items():
             var.set_value(jax.ShapeDtypeStruct(var.shape, dtype or var.dtype, sharding=shardings.get(p, default)))
@@ -104,6 +104,15 @@ def load(folder: str, *, parts=None, shardings_for=None) -> tuple[ml_collections
         nnx.replace_by_pure_dict(state, restored)
         models[part] = nnx.merge(graphdef, state)
     return config, models
+
+
+def _replicated() -> jax.sharding.Sharding:
+    """One device in a single process; with several processes (jax.distributed), a copy on every device, since
+    each process can only place arrays on devices it addresses."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def _tuples(config) -> None:

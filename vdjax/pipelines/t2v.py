@@ -80,6 +80,11 @@ class T2VPipeline:
         return cls(config, UNet3D(config.unet, rngs=rngs), AutoencoderKL(config.vae, rngs=rngs),
                    CLIPTextModel(config.text_encoder, rngs=rngs))
 
+    def set_unet(self, unet: nnx.Module) -> None:
+        """Swap in other weights of the same UNet (e.g. a training run's EMA) without recompiling the sampler."""
+        self.unet = unet
+        self._unet_graph, self._unet_state = nnx.split(unet)
+
     # ---- checks ------------------------------------------------------------------------------------------------
     @property
     def pixel_factor(self) -> int:

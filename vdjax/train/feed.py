@@ -46,8 +46,10 @@ class BatchStream:
 
     def __next__(self) -> dict:
         examples = [self.source[int(i)] for i in self._indices(self.next)]
-        rng = np.random.default_rng([self.seed, self.next, 1])
-        captions = [e["caption"] if rng.random() >= self.dropout else "" for e in examples]  # CFG's dropout
+        # CFG's caption dropout, drawn for the whole global batch so that every host count drops the same rows.
+        keep = np.random.default_rng([self.seed, self.next, 1]).random(self.global_batch) >= self.dropout
+        keep = keep[self.index * self.local_batch:(self.index + 1) * self.local_batch]
+        captions = [e["caption"] if k else "" for e, k in zip(examples, keep)]
         self.next += 1
         video = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1.0
         return {"video": video, "input_ids": np.asarray(self.tokenize(captions), np.int32)}

@@ -6,6 +6,7 @@ or v target per the family's schedule; gradients only for the trainable paramete
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vdjax import parallel
+from vdjax import flops, parallel
 from vdjax.models.vae import Posterior
 from vdjax.train.state import TrainState, init_state, lr_schedule, make_optimizer, split_trainable
 
@@ -59,6 +60,9 @@ class Trainer:
         self.text_state = jax.device_put(self.text_state, replicated)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
         self._step = jax.jit(self._step_fn, donate_argnums=0)
+        self._compiled = {}  # batch shapes -> the compiled step
+        self.step_flops: float | None = None  # per device and step, from XLA's cost analysis
+        self.compile_seconds = 0.0
 
     @property
     def trainable_count(self) -> int:
@@ -72,15 +76,23 @@ class Trainer:
         return init_state(self._trainable_template, self.tx, seed)
 
     def shard_batch(self, batch: dict) -> dict:
+        """This host's rows of the global batch -> global arrays split over the mesh's data x fsdp devices."""
         size = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        n = len(batch["input_ids"])
+        n = len(batch["input_ids"]) * jax.process_count()
         if n % size:
-            raise ValueError(f"batch size {n} is not divisible by the mesh's data x fsdp = {size}; choose a "
+            raise ValueError(f"global batch size {n} is not divisible by the mesh's data x fsdp = {size}; choose a "
                              f"multiple of {size}")
-        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self._step(state, self.frozen, self.vae_state, self.text_state, self.shard_batch(batch))
+        args = (state, self.frozen, self.vae_state, self.text_state, self.shard_batch(batch))
+        shapes = tuple((k, v.shape) for k, v in sorted(args[-1].items()))
+        if shapes not in self._compiled:  # compiled ahead of time once, so its FLOPs are known for the MFU estimate
+            start = time.perf_counter()
+            self._compiled[shapes] = self._step.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self.step_flops = flops.compiled_flops(self._compiled[shapes])
+        return self._compiled[shapes](*args)
 
     def _step_fn(self, state, frozen, vae_state, text_state, batch):
         cfg = self.config
