@@ -22,15 +22,18 @@ setup(
         "regex>=2023.0",  # CLIP's word pattern (\p{L}, \p{N})
         "grain>=0.2",  # the training input pipeline (vdjax.data.pipeline)
         "safetensors>=0.4",
+        "tensorboardX>=2.6",  # TensorBoard summaries of training runs, without TensorFlow
         "numpy>=1.26",
     ],
     extras_require={
         # Reading .ckpt/.pt/.bin checkpoints. On CPU-only machines install a CPU build of torch first.
         "torch": ["torch>=2.1"],
-        # Preparing TFDS datasets (reading goes through grain + array_record).
-        "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15", "grain>=0.2", "array_record>=0.5"],
+        # Preparing and reading the TFDS builders (vdjax.data.tfds_builders); neither needs TensorFlow itself.
+        "data": ["tensorflow-datasets>=4.9", "grain>=0.2", "array_record>=0.5"],
         # The test suite and its PyTorch references.
+        # peft: diffusers' own LoRA loading, the reference for LoRA merging. tensorflow-datasets + array_record:
+        # preparing and reading the TFDS builders (neither needs TensorFlow).
         "test": ["pytest>=8", "chex>=0.1.88", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40",
-                 "peft>=0.13"],  # peft: diffusers' own LoRA loading, the reference for LoRA merging
+                 "peft>=0.13", "tensorflow-datasets>=4.9", "array_record>=0.5"],
     },
 )

@@ -84,7 +84,8 @@ def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
         keep_checkpoints=3, caption_dropout=0.1, mesh=dict(data=-1, fsdp=1, tensor=1),
         # A sample video (EMA weights, config.sample's settings) every this many steps; 0: never.
         sample_every=5000, sample_prompt="a red circle and a blue square moving right"))
-    config.data = ml_collections.ConfigDict(dict(source="moving_shapes", folder="", num_examples=10_000,
+    # source: 'moving_shapes' (made on the fly) | 'video_folder' (folder) | 'tfds' (tfds_dir, a prepared dataset)
+    config.data = ml_collections.ConfigDict(dict(source="moving_shapes", folder="", tfds_dir="", num_examples=10_000,
                                                  num_frames=16, size=256, frame_stride=1))
     if tiny:
         config.train.update(batch_size=2, warmup_steps=5, num_steps=200, ema_decay=0.99, log_every=5,

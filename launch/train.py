@@ -42,20 +42,27 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 
 
 def make_batches(config, tokenize):
-    """moving_shapes: made on the fly; video_folder: a user's videos through the grain pipeline. Both resumable."""
+    """moving_shapes: made on the fly; video_folder: a user's videos; tfds: a dataset prepared with
+    vdjax.data.tfds_builders (config.data.tfds_dir, the folder its CLI printed). The last two go through the grain
+    pipeline. All resumable."""
     d, t = config.data, config.train
     if d.source == "moving_shapes":
         source = MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=t.seed)
         return BatchStream(source, global_batch=t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
                            tokenize=tokenize)
-    if d.source == "video_folder":
+    if d.source in ("video_folder", "tfds"):
         if t.batch_size % jax.process_count():
             raise ValueError(f"train.batch_size {t.batch_size} does not split over {jax.process_count()} hosts")
-        dataset = make_dataset(VideoFolder(d.folder), batch_size=t.batch_size // jax.process_count(),
-                               num_frames=d.num_frames, size=d.size, seed=t.seed, frame_stride=d.frame_stride,
+        if d.source == "tfds":
+            from vdjax.data.tfds_builders import PreparedDataset  # needs tensorflow-datasets (the `data` extra)
+            source = PreparedDataset(d.tfds_dir)
+        else:
+            source = VideoFolder(d.folder)
+        dataset = make_dataset(source, batch_size=t.batch_size // jax.process_count(), num_frames=d.num_frames,
+                               size=d.size, seed=t.seed, frame_stride=d.frame_stride,
                                caption_dropout=t.caption_dropout)
         return TokenizedBatches(iter(dataset), tokenize)
-    raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes' or 'video_folder'")
+    raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes', 'video_folder' or 'tfds'")
 
 
 def make_sampler(pipe: T2VPipeline, trainer: Trainer, config):

@@ -72,7 +72,14 @@ def load_config(folder: str) -> ml_collections.ConfigDict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: not a converted vdjax model (no config.json); convert with launch/convert.py")
-    return ml_collections.ConfigDict(json.load(open(path)))
+    config = ml_collections.ConfigDict(json.load(open(path)))
+    if "unet" in config:  # a folder converted before a UNet option existed gets the option's default (off)
+        from vdjax.models.unet3d import base_config
+
+        unet = base_config()
+        unet.update(config.unet)  # recursive: saved values over the defaults
+        config.unet = unet
+    return config
 
 
 def load(folder: str, *, parts=None, shardings_for=None) -> tuple[ml_collections.ConfigDict, dict]:

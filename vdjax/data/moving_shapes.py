@@ -2,7 +2,7 @@
 with a caption naming shapes, colours and directions, the first frame, and a per-frame subject mask.
 
 Deterministic: clip `i` of seed `s` is always the same. Sized for tests, demos and notebooks.
-(A TFDS builder writing these to array_record needs TensorFlow to prepare; this source needs nothing.)
+`vdjax.data.tfds_builders.MovingShapesBuilder` prepares the same clips as a TFDS dataset (array_record).
 """
 from __future__ import annotations
 
@@ -61,10 +61,6 @@ def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
     return {"video": video, "caption": caption, "first_frame": video[0], "mask": mask}
 
 
-# A TFDS builder (a `tfds.core.GeneratorBasedBuilder` writing these clips to array_record, read back through
-# `grain.sources.ArrayRecordDataSource`) would go next to this file, e.g. `vdjax/data/tfds_moving_shapes.py`.
-# It is out of scope for now: preparing a TFDS dataset needs TensorFlow, and clips this small are cheaper to make on
-# the fly than to read.
 class MovingShapes:
     """Random-access source (len, getitem) of `make_clip` examples."""
 

@@ -59,7 +59,7 @@ class Trainer:
         self.vae_state = jax.device_put(self.vae_state, replicated)
         self.text_state = jax.device_put(self.text_state, replicated)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
-        self._step = jax.jit(self._step_fn, donate_argnums=0)
+        self._replicated = replicated
         self._compiled = {}  # batch shapes -> the compiled step
         self.step_flops: float | None = None  # per device and step, from XLA's cost analysis
         self.compile_seconds = 0.0
@@ -73,7 +73,10 @@ class Trainer:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self.frozen, nnx.Param)))
 
     def init(self, seed: int) -> TrainState:
-        return init_state(self._trainable_template, self.tx, seed)
+        """A fresh state, every leaf on the mesh (parameters and their moments as sharded, scalars replicated)."""
+        on_mesh = lambda x: (x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
+                             else jax.device_put(x, self._replicated))
+        return jax.tree.map(on_mesh, init_state(self._trainable_template, self.tx, seed))
 
     def shard_batch(self, batch: dict) -> dict:
         """This host's rows of the global batch -> global arrays split over the mesh's data x fsdp devices."""
@@ -89,7 +92,10 @@ class Trainer:
         shapes = tuple((k, v.shape) for k, v in sorted(args[-1].items()))
         if shapes not in self._compiled:  # compiled ahead of time once, so its FLOPs are known for the MFU estimate
             start = time.perf_counter()
-            self._compiled[shapes] = self._step.lower(*args).compile()
+            # The new state keeps the shardings of the one passed in (so the compiled step takes it back).
+            state_shardings = jax.tree.map(lambda x: x.sharding, state)
+            step = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(state_shardings, self._replicated))
+            self._compiled[shapes] = step.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self.step_flops = flops.compiled_flops(self._compiled[shapes])
         return self._compiled[shapes](*args)
