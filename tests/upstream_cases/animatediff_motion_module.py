@@ -1,4 +1,4 @@
-"""AnimateDiff's VanillaTemporalModule (guoyww/AnimateDiff) vs vdjax's MotionModule, released key names."""
+"""AnimateDiff's VanillaTemporalModule (guoyww/AnimateDiff) vs vdjax's TemporalTransformer, released key names."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -10,17 +10,18 @@ from upstream_cases.case import Case, tolerance
 from vdjax.convert.animatediff import POSITION_TABLE, motion_key
 from vdjax.convert.keymap import load_params
 from vdjax.layers.embeddings import position_table
-from vdjax.layers.temporal import MotionModule
+from vdjax.layers.temporal import TemporalTransformer
 
 
 def run(case: Case) -> dict[str, float]:
     kw = case.meta["constructor_kwargs"]
     assert list(kw.get("attention_block_types", ["Temporal_Self"] * 2)) == ["Temporal_Self"] * 2, kw
     max_len = kw.get("temporal_position_encoding_max_len", 24) if kw.get("temporal_position_encoding") else 0
-    module = MotionModule(kw["in_channels"], kw.get("num_attention_heads", 8),
-                          num_layers=kw.get("num_transformer_block", 2), max_positions=max_len,
-                          groups=kw.get("norm_num_groups", 32), norm_scope="frame",
-                          head_dim_divisor=kw.get("temporal_attention_dim_div", 1), rngs=nnx.Rngs(0))
+    heads = kw.get("num_attention_heads", 8)
+    head_dim = kw["in_channels"] // heads // kw.get("temporal_attention_dim_div", 1)
+    module = TemporalTransformer(kw["in_channels"], heads, head_dim=head_dim,
+                                 num_layers=kw.get("num_transformer_block", 2), max_positions=max_len,
+                                 groups=kw.get("norm_num_groups", 32), norm_scope="frame", rngs=nnx.Rngs(0))
     weights = case.weights()
     load_params(module, weights, motion_key, ignore=POSITION_TABLE.search, source=str(case.path))
     errors = {}

@@ -93,29 +93,52 @@ UNET_TOP = ((r"^conv_in\.", "input_blocks.0.0."), (r"^time_embedding\.linear_1\.
             (r"^conv_out\.", "out.2."))
 
 
+TEMPORAL_CONV = ((r"^norms\.(\d)\.", lambda m: f"conv{int(m[1]) + 1}.0."),
+                 (r"^convs\.(\d)\.", lambda m: f"conv{int(m[1]) + 1}.{2 if m[1] == '0' else 3}."))
+VIDEOCRAFTER_TOP = ((r"^init_attention\.", "init_attn.0."), (r"^fps_embedding\.linear_1\.", "fps_embedding.0."),
+                    (r"^fps_embedding\.linear_2\.", "fps_embedding.2."))
+
+
 def unet_key(config, prefix: str = UNET_PREFIX, ema: bool = False) -> Callable[[Path], str]:
     """vdjax UNet3D path -> LDM key. openaimodel numbers its blocks sequentially: input block 0 is conv_in, then
     per level `layers_per_block` [ResBlock, SpatialTransformer?] blocks and (not on the last level) a Downsample
     block; output blocks have `layers_per_block + 1` per level (deepest first), the Upsample appended to the
     level's last block after its ResBlock (and transformer, where the level has attention).
 
+    VideoCrafter's openaimodel3d (motion.kind 'lvdm') adds to the same numbering: a TemporalTransformer after each
+    SpatialTransformer (slot 2; in the middle block before the second ResBlock, which moves to slot 3), the
+    ResBlocks' `temopral_conv` (sic), `init_attn.0` and `fps_embedding`.
+
     ema=True: the EMA copy in training dumps, `model_ema.` + the key after `model.` with the dots removed."""
     n, levels, attn = config.layers_per_block + 1, len(config.block_out_channels), tuple(config.attention_levels)
+    temporal = config.motion.kind == "lvdm"  # temporal transformers are part of this layout
+
+    def slot(kind: str, rest: str) -> str:
+        if kind == "resnets":
+            return "0." + rename(rest, RESNET)
+        if kind == "temporal_convs":
+            return "0.temopral_conv." + rename(rest, TEMPORAL_CONV)
+        return f"{1 if kind == 'attentions' else 2}.{_sub(kind, rest)}"
 
     def block(key: str) -> str:
-        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            return f"input_blocks.{1 + i * n + j}.{int(kind == 'attentions')}.{_sub(kind, rest)}"
+        kinds = "resnets|attentions|motion_modules|temporal_convs"
+        if m := re.match(rf"down_blocks\.(\d+)\.({kinds})\.(\d+)\.(.*)", key):
+            return f"input_blocks.{1 + int(m[1]) * n + int(m[3])}.{slot(m[2], m[4])}"
         if m := re.match(r"down_blocks\.(\d+)\.downsampler\.conv\.(.*)", key):
             return f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"
-        if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            return f"middle_block.{1 if m[1] == 'attentions' else 2 * int(m[2])}.{_sub(m[1], m[3])}"
-        if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            return f"output_blocks.{int(m[1]) * n + int(m[3])}.{int(m[2] == 'attentions')}.{_sub(m[2], m[4])}"
+        if m := re.match(rf"mid_block\.({kinds})\.(\d+)\.(.*)", key):
+            if m[1] in ("resnets", "temporal_convs") and m[2] == "1":  # the second ResBlock, after the transformers
+                return f"middle_block.{3 if temporal else 2}.{slot(m[1], m[3])[2:]}"
+            return f"middle_block.{slot(m[1], m[3])}"
+        if m := re.match(rf"up_blocks\.(\d+)\.({kinds})\.(\d+)\.(.*)", key):
+            return f"output_blocks.{int(m[1]) * n + int(m[3])}.{slot(m[2], m[4])}"
         if m := re.match(r"up_blocks\.(\d+)\.upsampler\.conv\.(.*)", key):
             u = int(m[1])
-            return f"output_blocks.{u * n + n - 1}.{2 if attn[levels - 1 - u] else 1}.conv.{m[2]}"
-        return rename(key, UNET_TOP)  # unmatched paths (e.g. motion modules) come out as 'missing' keys
+            has_attn = attn[levels - 1 - u]
+            return f"output_blocks.{u * n + n - 1}.{1 + has_attn + (has_attn and temporal)}.conv.{m[2]}"
+        if key.startswith("init_attention."):
+            return "init_attn.0." + _sub("motion_modules", key[len("init_attention."):])
+        return rename(rename(key, UNET_TOP), VIDEOCRAFTER_TOP)  # unmatched paths come out as 'missing' keys
 
     def key_fn(path: Path) -> str:
         key = prefix + torch_leaf(block(path_to_key(path)))

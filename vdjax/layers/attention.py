@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdjax.layers.primitives import EMBED, HEADS, dense
+from vdjax.layers.primitives import EMBED, HEADS, axis_names, dense
 
 
 def _dot_product(implementation: str | None) -> Callable:
@@ -32,6 +32,25 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 }
 
 
+def attention_with_relative_positions(q: jax.Array, k: jax.Array, v: jax.Array, table_k: jax.Array,
+                                      table_v: jax.Array, *, causal: bool = False) -> jax.Array:
+    """Attention with learned relative positions (Shaw et al.; VideoCrafter's temporal attention).
+
+    table_k, table_v: (2L + 1, head_dim), shared by the heads; entry L + clip(j - i, -L, L) is added to key j
+    (in the logits) and to value j (in the output) as seen from query i. Written out in full, since the
+    sequences are frames (short) and the output needs the probabilities themselves."""
+    t, s, dim = q.shape[1], k.shape[1], q.shape[-1]
+    span = (table_k.shape[0] - 1) // 2
+    index = jnp.clip(jnp.arange(s)[None, :] - jnp.arange(t)[:, None], -span, span) + span
+    rel_k, rel_v = table_k[index].astype(q.dtype), table_v[index].astype(q.dtype)  # (t, s, head_dim)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) + jnp.einsum("bthd,tsd->bhts", q, rel_k)
+    logits = logits.astype(jnp.float32) * dim ** -0.5
+    if causal:
+        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v) + jnp.einsum("bhts,tsd->bthd", probs, rel_v)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, impl: str = "xla") -> jax.Array:
     """Scaled dot-product attention. q: (B, T, N, H); k, v: (B, S, N, H) -> (B, T, N, H).
 
@@ -43,11 +62,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     return fn(q, k, v, causal)
 
 
+class RelativePosition(nnx.Module):
+    """A learned table of (2 * max_distance + 1) offsets x head_dim (upstream's `RelativePosition`)."""
+
+    def __init__(self, max_distance: int, head_dim: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.xavier_uniform()
+        self.embeddings_table = nnx.Param(init(rngs.params(), (2 * max_distance + 1, head_dim), jnp.float32),
+                                          **axis_names((None, None)))
+
+
 class Attention(nnx.Module):
-    """q/k/v projections (no bias unless `qkv_bias`), heads, `attention`, output projection (with bias): diffusers' `Attention`."""
+    """q/k/v projections (no bias unless `qkv_bias`), heads, `attention`, output projection (with bias): diffusers'
+    `Attention`. `relative_positions=L` adds VideoCrafter's learned relative-position tables (offsets up to L)."""
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
-                 qkv_bias: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 qkv_bias: bool = False, relative_positions: int = 0, impl: str = "xla", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads, self.impl = heads, impl
@@ -55,11 +85,46 @@ class Attention(nnx.Module):
         self.to_k = dense(context_dim, inner, (EMBED, HEADS), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_v = dense(context_dim, inner, (EMBED, HEADS), use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.to_out = dense(inner, query_dim, (HEADS, EMBED), dtype=dtype, rngs=rngs)
+        if relative_positions:
+            self.relative_position_k = RelativePosition(relative_positions, head_dim, rngs=rngs)
+            self.relative_position_v = RelativePosition(relative_positions, head_dim, rngs=rngs)
+        self.relative_positions = relative_positions
+
+    def _split(self, t: jax.Array) -> jax.Array:
+        return t.reshape(*t.shape[:-1], self.heads, t.shape[-1] // self.heads)
+
+    def _attend(self, q: jax.Array, context: jax.Array, to_k: nnx.Linear, to_v: nnx.Linear, causal: bool):
+        k, v = self._split(to_k(context)), self._split(to_v(context))
+        if self.relative_positions:
+            return attention_with_relative_positions(q, k, v, self.relative_position_k.embeddings_table[...],
+                                                     self.relative_position_v.embeddings_table[...], causal=causal)
+        return attention(q, k, v, causal=causal, impl=self.impl)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
         """x: (B, T, query_dim); context: (B, S, context_dim) or None for self-attention."""
-        context = x if context is None else context
-        split = lambda t: t.reshape(*t.shape[:-1], self.heads, t.shape[-1] // self.heads)
-        out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), causal=causal,
-                        impl=self.impl)
+        out = self._attend(self._split(self.to_q(x)), x if context is None else context, self.to_k, self.to_v, causal)
+        return self.to_out(out.reshape(*out.shape[:-2], -1))
+
+
+class DecoupledCrossAttention(Attention):
+    """Cross-attention to text and image tokens with a shared query: the first `text_tokens` context tokens go
+    through to_k/to_v, the rest (image tokens) through their own to_k_ip/to_v_ip; the two attentions (separate
+    softmaxes) are summed, the image one times `image_scale`, before to_out. VideoCrafter's I2V attention and
+    IP-Adapter's decoupled cross-attention."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int, text_tokens: int = 77,
+                 image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(query_dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
+        self.to_k_ip = dense(context_dim, heads * head_dim, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_v_ip = dense(context_dim, heads * head_dim, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
+        self.text_tokens, self.image_scale = text_tokens, image_scale
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
+        if context is None or context.shape[1] <= self.text_tokens:
+            raise ValueError(f"image cross-attention needs {self.text_tokens} text tokens followed by image tokens; "
+                             f"got context of shape {None if context is None else tuple(context.shape)}")
+        q = self._split(self.to_q(x))
+        text, image = context[:, :self.text_tokens], context[:, self.text_tokens:]
+        out = (self._attend(q, text, self.to_k, self.to_v, causal)
+               + self.image_scale * self._attend(q, image, self.to_k_ip, self.to_v_ip, causal))
         return self.to_out(out.reshape(*out.shape[:-2], -1))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdjax.layers.attention import Attention
+from vdjax.layers.attention import Attention, DecoupledCrossAttention
 from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, layer_norm
 
 
@@ -23,14 +23,23 @@ class FeedForward(nnx.Module):
 
 
 class BasicTransformerBlock(nnx.Module):
-    """Pre-norm self-attention, cross-attention to the context, feed-forward; each with a residual."""
+    """Pre-norm self-attention, cross-attention to the context, feed-forward; each with a residual.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, impl: str = "xla",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    `image_tokens=True`: the cross-attention is decoupled (text tokens, then image tokens; see
+    `DecoupledCrossAttention`), as VideoCrafter's I2V model."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_tokens: bool = False,
+                 text_tokens: int = 77, image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn1 = Attention(dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
+        if image_tokens:
+            self.attn2 = DecoupledCrossAttention(dim, heads, head_dim, context_dim=context_dim,
+                                                 text_tokens=text_tokens, image_scale=image_scale, impl=impl,
+                                                 dtype=dtype, rngs=rngs)
+        else:
+            self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
         self.norm3 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
@@ -49,7 +58,8 @@ class SpatialTransformer(nnx.Module):
     """GroupNorm -> proj_in (1x1 conv, or linear for SD 2.x) -> transformer blocks -> proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, *, num_layers: int = 1, groups: int = 32,
-                 use_linear_projection: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_linear_projection: bool = False, image_tokens: bool = False, text_tokens: int = 77,
+                 image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"spatial transformer: {channels} channels do not split into {heads} heads")
         self.use_linear_projection = use_linear_projection
@@ -58,7 +68,8 @@ class SpatialTransformer(nnx.Module):
                    if use_linear_projection else (lambda: conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)))
         self.proj_in = project()
         self.transformer_blocks = nnx.List([
-            BasicTransformerBlock(channels, heads, channels // heads, context_dim, impl=impl, dtype=dtype, rngs=rngs)
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, image_tokens=image_tokens,
+                                  text_tokens=text_tokens, image_scale=image_scale, impl=impl, dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
         self.proj_out = project()
 

@@ -4,8 +4,9 @@ Video latents are channels-last `(batch, frames, height, width, channels)`. Spat
 folded into the batch `(batch*frames, h, w, c)`; temporal layers attend over the frames at each pixel.
 With `motion.kind='none'` and one frame this is the Stable Diffusion image UNet.
 
-The configuration (an `ml_collections.ConfigDict`, see `configs/animatediff_sd15.py`) names the family's
-parts; options that later issues build are declared and refused with `NotImplementedError` until then.
+The configuration (an `ml_collections.ConfigDict`; see `configs/animatediff_sd15.py`, `configs/videocrafter.py`)
+names the family's parts; options that later issues build are declared and refused with `NotImplementedError`
+until then.
 """
 from __future__ import annotations
 
@@ -20,20 +21,15 @@ from vdjax.layers.embeddings import TimestepEmbedding, timestep_sinusoid
 from vdjax.layers.primitives import GroupNorm, InitKeys, conv2d
 from vdjax.layers.resnet import Downsample, ResnetBlock, Upsample
 from vdjax.layers.spatial_transformer import SpatialTransformer
-from vdjax.layers.temporal import MotionModule
+from vdjax.layers.temporal import TemporalConvBlock, TemporalTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Declared options that are not built yet, and the issue that brings each.
 _NOT_YET = {
-    ("motion.kind", "lvdm"): "#8 (VideoCrafter's LVDM temporal transformer)",
-    ("image_cross_attention", "lvdm_dual"): "#8 (VideoCrafter I2V dual cross-attention)",
     ("image_cross_attention", "ip_adapter"): "#9 (I2V-Adapter / IP-Adapter)",
     ("image_cross_attention", "magdiff_apa"): "#10 (MagDiff adaptive prompts alignment)",
     ("first_frame_attention", True): "#9 (I2V-Adapter first-frame attention)",
-    ("fps_conditioning", True): "#8 (VideoCrafter fps conditioning)",
-    ("init_attention", True): "#8 (VideoCrafter init_attn)",
-    ("temporal_conv", True): "#8 (VideoCrafter temporal convolution)",
 }
 _CHOICES = {
     "motion.kind": ("none", "animatediff", "lvdm"),
@@ -62,18 +58,27 @@ def base_config() -> ml_collections.ConfigDict:
         flip_sin_to_cos=True,
         freq_shift=0,
         motion=dict(
-            kind="none",  # 'animatediff' | 'lvdm' (issue #8)
-            num_attention_heads=8,
+            # 'animatediff': a motion module after every resnet (+ spatial transformer) of every level;
+            # 'lvdm': VideoCrafter's temporal transformer after every spatial transformer (its heads).
+            kind="none",
+            num_attention_heads=8,  # animatediff only
             transformer_layers=1,
-            max_positions=32,  # length of the sinusoidal position table (v1: 24)
+            max_positions=32,  # animatediff: sinusoid table length (v1: 24); lvdm: relative-position reach
             mid_block=False,
             norm_scope="frame",  # 'clip': diffusers' AnimateDiffTransformer3D normalises over all frames
+            relative_position=False,  # lvdm: learned relative-position tables in temporal attention
+            causal=False,  # lvdm: frame i attends to frames 0..i only
         ),
+        # 'lvdm_dual': VideoCrafter I2V, image tokens after `text_context_tokens` text tokens, own key/value.
         image_cross_attention="none",
+        text_context_tokens=77,
+        image_attention_scale=1.0,
         first_frame_attention=False,
-        fps_conditioning=False,
-        init_attention=False,
-        temporal_conv=False,
+        fps_conditioning=False,  # VideoCrafter: fps through the sinusoid and its own MLP, added to temb
+        init_attention=False,  # VideoCrafter's init_attn: a temporal transformer right after conv_in
+        init_attention_heads=8,
+        init_attention_head_dim=64,
+        temporal_conv=False,  # VideoCrafter: a 4-layer (3, 1, 1) temporal conv after every resnet
         dtype="float32",  # compute dtype; parameters are always float32
         attention_impl="xla",  # see vdjax.layers.attention.IMPLEMENTATIONS
     ))
@@ -107,8 +112,9 @@ class DownBlock(nnx.Module):
         self.resnets = nnx.List([ResnetBlock(in_ch if j == 0 else out_ch, out_ch, temb, groups=cfg.norm_num_groups,
                                              eps=cfg.norm_eps, norm_scope=cfg.resnet_norm_scope, dtype=dtype, rngs=rngs)
                                  for j in range(n)])
+        self.temporal_convs = _temporal_convs(cfg, out_ch, n, dtype, rngs)
         self.attentions = _transformers(cfg, out_ch, level, n, dtype, rngs) if cfg.attention_levels[level] else None
-        self.motion_modules = _motion_modules(cfg, out_ch, n, dtype, rngs)
+        self.motion_modules = _motion_modules(cfg, out_ch, n, level, dtype, rngs)
         self.downsampler = None if last else Downsample(out_ch, dtype=dtype, rngs=rngs)
 
     def __call__(self, h, temb, context, num_frames):
@@ -127,13 +133,15 @@ class MidBlock(nnx.Module):
         resnet = lambda: ResnetBlock(ch, ch, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                                      norm_scope=cfg.resnet_norm_scope, dtype=dtype, rngs=rngs)
         self.resnets = nnx.List([resnet(), resnet()])
-        self.attentions = _transformers(cfg, ch, len(cfg.block_out_channels) - 1, 1, dtype, rngs)
-        self.motion_modules = _motion_modules(cfg, ch, 1, dtype, rngs) if cfg.motion.mid_block else None
+        self.temporal_convs = _temporal_convs(cfg, ch, 2, dtype, rngs)
+        last = len(cfg.block_out_channels) - 1
+        self.attentions = _transformers(cfg, ch, last, 1, dtype, rngs)
+        self.motion_modules = _motion_modules(cfg, ch, 1, last, dtype, rngs, mid=True) if cfg.motion.mid_block else None
 
     def __call__(self, h, temb, context, num_frames):
-        h = self.resnets[0](h, temb)
-        h = _apply(self, 0, h, context, num_frames)
-        return self.resnets[1](h, temb)
+        h = _apply(self, 0, self.resnets[0](h, temb), context, num_frames)
+        h = self.resnets[1](h, temb)
+        return h if self.temporal_convs is None else self.temporal_convs[1](h, num_frames)
 
 
 class UpBlock(nnx.Module):
@@ -145,8 +153,9 @@ class UpBlock(nnx.Module):
             ResnetBlock((prev_ch if j == 0 else out_ch) + (skip_in_ch if j == n - 1 else out_ch), out_ch, temb,
                         groups=cfg.norm_num_groups, eps=cfg.norm_eps, norm_scope=cfg.resnet_norm_scope,
                         dtype=dtype, rngs=rngs) for j in range(n)])
+        self.temporal_convs = _temporal_convs(cfg, out_ch, n, dtype, rngs)
         self.attentions = _transformers(cfg, out_ch, level, n, dtype, rngs) if cfg.attention_levels[level] else None
-        self.motion_modules = _motion_modules(cfg, out_ch, n, dtype, rngs)
+        self.motion_modules = _motion_modules(cfg, out_ch, n, level, dtype, rngs)
         self.upsampler = None if last else Upsample(out_ch, dtype=dtype, rngs=rngs)
 
     def __call__(self, h, temb, context, num_frames, skips):
@@ -159,21 +168,39 @@ class UpBlock(nnx.Module):
 def _transformers(cfg, ch, level, n, dtype, rngs):
     return nnx.List([SpatialTransformer(ch, cfg.num_attention_heads[level], cfg.cross_attention_dim,
                                         num_layers=cfg.transformer_layers, groups=cfg.norm_num_groups,
-                                        use_linear_projection=cfg.use_linear_projection, impl=cfg.attention_impl,
-                                        dtype=dtype, rngs=rngs) for _ in range(n)])
+                                        use_linear_projection=cfg.use_linear_projection,
+                                        image_tokens=cfg.image_cross_attention == "lvdm_dual",
+                                        text_tokens=cfg.text_context_tokens, image_scale=cfg.image_attention_scale,
+                                        impl=cfg.attention_impl, dtype=dtype, rngs=rngs) for _ in range(n)])
 
 
-def _motion_modules(cfg, ch, n, dtype, rngs):
+def _motion_modules(cfg, ch, n, level, dtype, rngs, *, mid=False):
     m = cfg.motion
-    if m.kind == "none":
+    if m.kind == "none" or (m.kind == "lvdm" and not (mid or cfg.attention_levels[level])):
+        return None  # lvdm: only after spatial transformers (the middle block always has one)
+    if m.kind == "lvdm":  # heads as the spatial transformer it follows; projections as its (linear or conv)
+        make = lambda: TemporalTransformer(
+            ch, cfg.num_attention_heads[level], num_layers=m.transformer_layers, max_positions=0,
+            relative_positions=m.max_positions if m.relative_position else 0, causal=m.causal,
+            groups=cfg.norm_num_groups, norm_scope="clip", conv_projections=not cfg.use_linear_projection,
+            impl=cfg.attention_impl, dtype=dtype, rngs=rngs)
+    else:
+        make = lambda: TemporalTransformer(ch, m.num_attention_heads, num_layers=m.transformer_layers,
+                                           max_positions=m.max_positions, groups=cfg.norm_num_groups,
+                                           norm_scope=m.norm_scope, impl=cfg.attention_impl, dtype=dtype, rngs=rngs)
+    return nnx.List([make() for _ in range(n)])
+
+
+def _temporal_convs(cfg, ch, n, dtype, rngs):
+    if not cfg.temporal_conv:
         return None
-    return nnx.List([MotionModule(ch, m.num_attention_heads, num_layers=m.transformer_layers,
-                                  max_positions=m.max_positions, groups=cfg.norm_num_groups, norm_scope=m.norm_scope,
-                                  impl=cfg.attention_impl, dtype=dtype, rngs=rngs) for _ in range(n)])
+    return nnx.List([TemporalConvBlock(ch, groups=cfg.norm_num_groups, dtype=dtype, rngs=rngs) for _ in range(n)])
 
 
 def _apply(block, j, h, context, num_frames):
-    """The spatial transformer, then the motion module, after the j-th resnet of a block (where present)."""
+    """After the j-th resnet of a block (where present): its temporal conv, spatial transformer, temporal one."""
+    if block.temporal_convs is not None:
+        h = block.temporal_convs[j](h, num_frames)
     if block.attentions is not None:
         h = block.attentions[j](h, context)
     if block.motion_modules is not None:
@@ -196,6 +223,15 @@ class UNet3D(nnx.Module):
         levels = len(chans)
         self.conv_in = conv2d(cfg.in_channels, chans[0], 3, dtype=dtype, rngs=rngs)
         self.time_embedding = TimestepEmbedding(chans[0], temb, dtype=dtype, rngs=rngs)
+        self.fps_embedding = (TimestepEmbedding(chans[0], temb, dtype=dtype, rngs=rngs)
+                              if cfg.fps_conditioning else None)
+        m = cfg.motion  # VideoCrafter's init_attn: conv projections, heads x head width independent of channels
+        self.init_attention = (TemporalTransformer(
+            chans[0], cfg.init_attention_heads, head_dim=cfg.init_attention_head_dim,
+            num_layers=cfg.transformer_layers, max_positions=0,
+            relative_positions=m.max_positions if m.relative_position else 0, causal=m.causal,
+            groups=cfg.norm_num_groups, norm_scope="clip", conv_projections=True, impl=cfg.attention_impl,
+            dtype=dtype, rngs=rngs) if cfg.init_attention else None)
         self.down_blocks = nnx.List([
             DownBlock(cfg, chans[max(i - 1, 0)], chans[i], temb, i, i == levels - 1, dtype=dtype, rngs=rngs)
             for i in range(levels)])
@@ -225,24 +261,36 @@ class UNet3D(nnx.Module):
                              f"multiples of {f} (e.g. {max(f, h - h % f)}x{max(f, w - w % f)}), i.e. images in "
                              f"multiples of {8 * f} px with an 8x VAE.")
         m = cfg.motion
-        if m.kind != "none" and m.max_positions and frames > m.max_positions:
+        if m.kind == "animatediff" and m.max_positions and frames > m.max_positions:
             raise ValueError(f"{frames} frames exceed the motion module's position table; this model takes 1 to "
                              f"{m.max_positions} frames.")
         if len(context_shape) != 3 or context_shape[0] != b or context_shape[-1] != cfg.cross_attention_dim:
             raise ValueError(f"context must be (batch={b}, tokens, {cfg.cross_attention_dim}); got shape "
                              f"{tuple(context_shape)}")
+        if cfg.image_cross_attention == "lvdm_dual" and context_shape[1] <= cfg.text_context_tokens:
+            raise ValueError(f"this image-to-video UNet takes {cfg.text_context_tokens} text tokens followed by the "
+                             f"image tokens as context; got {context_shape[1]} tokens")
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
-        """sample (B, F, H, W, C_in), timesteps (B,) or scalar, context (B, S, D) -> (B, F, H, W, C_out) float32."""
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+                 fps: jax.Array | None = None) -> jax.Array:
+        """sample (B, F, H, W, C_in), timesteps (B,) or scalar, context (B, S, D), fps (B,) or scalar (models with
+        fps conditioning) -> (B, F, H, W, C_out) float32."""
         self.check_inputs(sample.shape, context.shape)
         b, frames, hgt, wid, _ = sample.shape
         cfg = self.config
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-        temb = self.time_embedding(timestep_sinusoid(timesteps, cfg.block_out_channels[0],
-                                                     flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-                                   .astype(self.dtype))
+        sinusoid = lambda t: timestep_sinusoid(jnp.broadcast_to(jnp.asarray(t), (b,)), cfg.block_out_channels[0],
+                                               flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                               freq_shift=cfg.freq_shift).astype(self.dtype)
+        temb = self.time_embedding(sinusoid(timesteps))
+        if self.fps_embedding is not None:
+            if fps is None:
+                raise ValueError("this UNet is conditioned on the video's frame rate: pass fps (e.g. the config's "
+                                 "sample.fps)")
+            temb = temb + self.fps_embedding(sinusoid(fps))
         context = context.astype(self.dtype)
         h = self.conv_in(sample.reshape(b * frames, hgt, wid, -1).astype(self.dtype))
+        if self.init_attention is not None:
+            h = self.init_attention(h, frames)
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, temb, context, frames)
