@@ -36,7 +36,8 @@ PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights")
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
+                    "scale_arr")  # VideoCrafter's use_scale latent scaling per timestep
 IGNORED = re.compile(rf"^({'|'.join(SCHEDULE_BUFFERS)})$|^model_ema\.|\.position_ids$|^{OPENCLIP_PREFIX}attn_mask$"
                      rf"|^(first_stage_model\.)?loss\.")
 
