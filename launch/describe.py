@@ -16,6 +16,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from vdjax.models.unet3d import UNet3D, abstract_unet
+from vdjax.layers.primitives import InitKeys
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (path:arg).", lock_config=True)
 _FORWARD = flags.DEFINE_bool("forward", False, "Also build the model with random weights and time a jitted forward.")
@@ -40,7 +41,7 @@ def describe(cfg) -> None:
 
 
 def forward(cfg) -> None:
-    model = UNet3D(cfg, rngs=nnx.Rngs(0))
+    model = UNet3D(cfg, rngs=InitKeys(0))
     graphdef, state = nnx.split(model)
     run = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
     rng = np.random.default_rng(0)

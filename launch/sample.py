@@ -1,9 +1,17 @@
-"""Sample videos from text.
+"""Sample videos from text, or from an image and text.
 
     python launch/sample.py --config=configs/animatediff_sd15.py:variant=v2 --checkpoint=models/sd15_mm_v2 \
         --prompt="a corgi running on the beach, golden hour" --output=corgi.mp4
     python launch/sample.py --config=configs/animatediff_sd15.py:variant=v2 \
         --model=realisticVision.safetensors --motion_module=mm_sd_v15_v2.ckpt --lora=style.safetensors:0.7 ...
+    python launch/sample.py --config=configs/videocrafter.py:variant=t2v_512_v2 --model=base_512_v2/model.ckpt \
+        --prompt="a panda playing guitar" --output=panda.mp4
+    python launch/sample.py --config=configs/videocrafter.py:variant=i2v_512_v1 --model=i2v_512_v1/model.ckpt \
+        --image=cat.png --prompt="a cat walking"
+
+Image-to-video configs (those with an image encoder) need --image: it is fitted to the frame size (centred crop
+to the aspect ratio, then resize). VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...);
+--fps sets the frame rate of the written file.
 
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
 load time. `--random_init` samples with random weights (noise; for smoke tests). Every argument is checked before
@@ -20,7 +28,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch_helpers import ProgressBar, WeightFlags
+from vdjax.io.image import read_image
 from vdjax.io.video import check_output, write_video
+from vdjax.pipelines.i2v import I2VPipeline
 from vdjax.pipelines.t2v import T2VPipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
@@ -29,6 +39,7 @@ _WEIGHTS = WeightFlags()
 _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights (smoke tests; the video is noise).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several videos.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
+_IMAGE = flags.DEFINE_string("image", None, "Image-to-video: the conditioning image (PNG/JPEG), for every prompt.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
 _FRAMES = flags.DEFINE_integer("num_frames", None, "Frames (default: the config's).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Height in pixels.")
@@ -65,17 +76,32 @@ def _outputs(n: int) -> list[str]:
 
 
 def _pipeline(config) -> T2VPipeline:
+    kind = I2VPipeline if "image_encoder" in config else T2VPipeline
     given = _WEIGHTS.files()
     if _RANDOM.value:
         print("weights: random (--random_init)")
-        return T2VPipeline.random_init(config)
+        return kind.random_init(config)
     if _CHECKPOINT.value:
         print(f"weights: converted model {_CHECKPOINT.value}")
-        return T2VPipeline.from_converted(_CHECKPOINT.value)
+        return kind.from_converted(_CHECKPOINT.value)
     if not given:
         raise app.UsageError("no weights: give --checkpoint, --model (and --motion_module), or --random_init")
     print("weights: " + ", ".join(f"{k}={v}" for k, v in given.items()))
-    return T2VPipeline.from_files(config, loras=_WEIGHTS.loras(), **given)
+    return kind.from_files(config, loras=_WEIGHTS.loras(), **given)
+
+
+def _conditions(config) -> dict:
+    if "image_encoder" not in config:
+        if _IMAGE.value:
+            raise app.UsageError(f"--image: {config.family} {config.variant} is text-to-video; use an image-to-video "
+                                 "config (e.g. configs/videocrafter.py:variant=i2v_512_v1)")
+        return {}
+    if not _IMAGE.value:
+        raise app.UsageError(f"{config.family} {config.variant} is image-to-video: give --image=FILE")
+    try:
+        return {"image": read_image(_IMAGE.value)}
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"--image: {e}") from None
 
 
 def main(argv):
@@ -83,6 +109,7 @@ def main(argv):
     config = _CONFIG.value
     prompts = _prompts()
     outputs = _outputs(len(prompts))
+    conditions = _conditions(config)
     start = time.perf_counter()
     pipe = _pipeline(config)
     s = config.sample
@@ -97,9 +124,11 @@ def main(argv):
     print(f"loaded {config.family} {config.variant} in {time.perf_counter() - start:.1f} s on "
           f"{jax.devices()[0].device_kind}; {len(prompts)} prompt(s), {kwargs['num_frames']} frames "
           f"{kwargs['height']}x{kwargs['width']}, {kwargs['steps']} steps, guidance {kwargs['guidance_scale']}")
-    out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value, progress=lambda i, n, bar=ProgressBar(): bar("sampling", i, n), **kwargs)
+    bar = ProgressBar()
+    out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value, progress=lambda i, n: bar("sampling", i, n),
+               **conditions, **kwargs)
     for video, latents, path in zip(out.frames, out.latents, outputs):
-        write_video(video, path, fps=_FPS.value or s.fps)
+        write_video(video, path, fps=_FPS.value or s.get("save_fps", s.fps))
         print(f"wrote {path}")
         if _SAVE_LATENTS.value:
             np.save(os.path.splitext(path)[0] + "_latents.npy", latents)

@@ -22,6 +22,7 @@ from vdjax.convert.keymap import load_params
 from vdjax.convert.lora import LoraError, merge_lora, merge_loras
 from vdjax.models.clip import CLIPTextModel, text_config
 from vdjax.models.unet3d import UNet3D
+from vdjax.layers.primitives import InitKeys
 
 pytest.importorskip("peft")  # diffusers' LoRA loading, the reference, runs on peft
 
@@ -80,7 +81,7 @@ def lora_case():
     state = randomize_torch(reference)
     cfg = load_config("configs/animatediff_sd15.py:variant=tiny_sd15").unet
     cfg.num_attention_heads = HEADS  # diffusers' `attention_head_dim` is the head count (its naming quirk)
-    base = UNet3D(cfg, rngs=nnx.Rngs(0))
+    base = UNet3D(cfg, rngs=InitKeys(0))
     load_params(base, state, unet_key, ignore=unet_ignored, source="UNet2DConditionModel")
 
     # A: every layer of the transformer blocks (1x1-conv proj_in/out, q/k/v/out, ff) and a 3x3 conv, alpha 2 of
@@ -203,7 +204,7 @@ def test_text_encoder_lora_matches_transformers(lora_case, layout):
         with torch.no_grad():
             return reference(torch.from_numpy(ids)).last_hidden_state.numpy()
 
-    model = CLIPTextModel(cfg, rngs=nnx.Rngs(0))
+    model = CLIPTextModel(cfg, rngs=InitKeys(0))
     load_text(model, state)
     base_ref, lora_ref = ref(0.0), ref(SCALE_A)
     # diffusers' converted dict (`self_attn.to_q_lora.down`, `mlp.fc1.lora_linear_layer.down`) lost the alphas

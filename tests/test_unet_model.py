@@ -15,6 +15,7 @@ from flax import nnx
 from conftest import load_config, max_abs_error, randomize_nnx
 from vdjax.convert.animatediff import is_motion_param, motion_key
 from vdjax.models.unet3d import UNet3D, abstract_unet
+from vdjax.layers.primitives import InitKeys
 
 MANIFESTS = pathlib.Path(__file__).parent / "fixtures" / "manifests"
 
@@ -64,7 +65,7 @@ def test_motion_modules_cover_released_checkpoint_keys(variant, manifest):
 @pytest.fixture(scope="module")
 def tiny():
     cfg = load_config("configs/animatediff_sd15.py:variant=tiny_v2").unet
-    model = UNet3D(cfg, rngs=nnx.Rngs(0))
+    model = UNet3D(cfg, rngs=InitKeys(0))
     randomize_nnx(model, seed=1)
     return cfg, model
 
@@ -82,7 +83,7 @@ def test_bfloat16_compute_stays_close_to_float32(tiny):
     cfg, model = tiny
     low_cfg = cfg.copy_and_resolve_references()
     low_cfg.dtype = "bfloat16"
-    low = UNet3D(low_cfg, rngs=nnx.Rngs(0))
+    low = UNet3D(low_cfg, rngs=InitKeys(0))
     nnx.update(low, nnx.state(model, nnx.Param))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(low, nnx.Param)))  # params stay float32
     x, t, c = _inputs()
@@ -116,8 +117,8 @@ def test_jitted_forward_compiles_once_per_shape(tiny):
 
 def test_zero_initialised_motion_modules_leave_the_image_unet_unchanged():
     """A fresh motion module's proj_out is zero, so it starts as the identity (AnimateDiff's zero_initialize)."""
-    video = UNet3D(load_config("configs/animatediff_sd15.py:variant=tiny_v2").unet, rngs=nnx.Rngs(0))
-    image = UNet3D(load_config("configs/animatediff_sd15.py:variant=tiny_sd15").unet, rngs=nnx.Rngs(0))
+    video = UNet3D(load_config("configs/animatediff_sd15.py:variant=tiny_v2").unet, rngs=InitKeys(0))
+    image = UNet3D(load_config("configs/animatediff_sd15.py:variant=tiny_sd15").unet, rngs=InitKeys(0))
     randomize_nnx(image, seed=2)
     shared = {p: v for p, v in nnx.to_flat_state(nnx.state(image, nnx.Param))}
     nnx.update(video, nnx.from_flat_state(shared))
@@ -151,13 +152,13 @@ def test_declared_options_not_built_yet_are_refused(key, value, issue):
     target, _, leaf = key.rpartition(".")
     (cfg[target] if target else cfg)[leaf] = value
     with pytest.raises(NotImplementedError, match=f"issue {issue}"):
-        UNet3D(cfg, rngs=nnx.Rngs(0))
+        UNet3D(cfg, rngs=InitKeys(0))
 
 
 def test_unknown_option_values_are_refused():
     cfg = load_config("configs/animatediff_sd15.py:variant=tiny_v2").unet
     cfg.motion.norm_scope = "batch"
     with pytest.raises(ValueError, match="motion.norm_scope"):
-        UNet3D(cfg, rngs=nnx.Rngs(0))
+        UNet3D(cfg, rngs=InitKeys(0))
     with pytest.raises(ValueError, match="unknown variant"):
         load_config("configs/animatediff_sd15.py:variant=v4")

@@ -17,6 +17,7 @@ from conftest import load_config, max_abs_error, randomize_torch
 from vdjax.convert.diffusers import unet_ignored, unet_key
 from vdjax.convert.keymap import load_params
 from vdjax.models.unet3d import UNet3D
+from vdjax.layers.primitives import InitKeys
 
 TOL = 1e-4  # float32: max abs error on outputs of std ~1 (scaled by the output's std where larger)
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
@@ -27,7 +28,7 @@ FRAMES = {"v1": (3, 24), "v2": (5, 16)}
 
 def _vdjax_from(torch_model, unet_cfg):
     state = randomize_torch(torch_model.eval())
-    model = UNet3D(unet_cfg, rngs=nnx.Rngs(0))
+    model = UNet3D(unet_cfg, rngs=InitKeys(0))
     load_params(model, state, unet_key, ignore=unet_ignored, source=type(torch_model).__name__)
     return model, nnx.jit(lambda m, x, t, c: m(x, t, c))
 
@@ -74,7 +75,7 @@ def test_original_norms_differ_from_diffusers(motion_pair):
     """The flag matters: AnimateDiff's own per-frame motion-module GroupNorm is not diffusers' per-clip one."""
     variant, _, model, forward = motion_pair
     cfg = load_config(f"configs/animatediff_sd15.py:variant=tiny_{variant}").unet
-    original = UNet3D(cfg, rngs=nnx.Rngs(0))
+    original = UNet3D(cfg, rngs=InitKeys(0))
     nnx.update(original, nnx.state(model, nnx.Param))
     x, t, context = _inputs(1, 4)
     a = forward(model, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context))

@@ -25,7 +25,7 @@ def pair():
     reference = Reference(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                           block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8).eval()
     state = randomize_torch(reference, seed=3)
-    model = AutoencoderKL(tiny_config(), rngs=nnx.Rngs(0))
+    model = AutoencoderKL(tiny_config(), rngs=InitKeys(0))
     load_params(model, state, vae_key, source="diffusers AutoencoderKL")
     return reference, model
 

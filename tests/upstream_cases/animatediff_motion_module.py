@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from conftest import max_abs_error
 from upstream_cases.case import Case, tolerance
@@ -11,6 +10,7 @@ from vdjax.convert.animatediff import POSITION_TABLE, motion_key
 from vdjax.convert.keymap import load_params
 from vdjax.layers.embeddings import position_table
 from vdjax.layers.temporal import TemporalTransformer
+from vdjax.layers.primitives import InitKeys
 
 
 def run(case: Case) -> dict[str, float]:
@@ -21,7 +21,7 @@ def run(case: Case) -> dict[str, float]:
     head_dim = kw["in_channels"] // heads // kw.get("temporal_attention_dim_div", 1)
     module = TemporalTransformer(kw["in_channels"], heads, head_dim=head_dim,
                                  num_layers=kw.get("num_transformer_block", 2), max_positions=max_len,
-                                 groups=kw.get("norm_num_groups", 32), norm_scope="frame", rngs=nnx.Rngs(0))
+                                 groups=kw.get("norm_num_groups", 32), norm_scope="frame", rngs=InitKeys(0))
     weights = case.weights()
     load_params(module, weights, motion_key, ignore=POSITION_TABLE.search, source=str(case.path))
     errors = {}

@@ -6,18 +6,18 @@ import functools
 
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from conftest import max_abs_error
 from upstream_cases.case import Case, tolerance
 from upstream_cases.videocrafter_resampler import check_resampler
 from vdjax.convert.keymap import load_params
 from vdjax.models.resampler import IP_ADAPTER_PREFIX, ImageProjModel, image_proj_config, image_proj_key
+from vdjax.layers.primitives import InitKeys
 
 
 def _image_proj_model(case: Case) -> dict[str, float]:
     io = case.io()
-    model = ImageProjModel(image_proj_config(None, **case.meta["constructor_kwargs"]), rngs=nnx.Rngs(0))
+    model = ImageProjModel(image_proj_config(None, **case.meta["constructor_kwargs"]), rngs=InitKeys(0))
     prefix = case.meta.get("key_prefix", IP_ADAPTER_PREFIX)
     load_params(model, case.weights(), functools.partial(image_proj_key, prefix=prefix), source=str(case.path))
     error = max_abs_error(model(jnp.asarray(io["image_embeds"])), io["output"])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from conftest import max_abs_error
 from upstream_cases.case import Case, tolerance
@@ -11,6 +10,7 @@ from vdjax.convert.keymap import load_params
 from vdjax.convert.openclip import VISION_UNUSED, split_in_proj, vision_key
 from vdjax.models.openclip import VisionTower, videocrafter_preprocess, vision_config
 from vdjax.models.imaging import kornia_resize
+from vdjax.layers.primitives import InitKeys
 
 nchw = lambda x: np.asarray(x).transpose(0, 3, 1, 2)
 
@@ -21,7 +21,7 @@ def run(case: Case) -> dict[str, float]:
     cfg = vision_config("tiny")
     cfg.update(width=vision["width"], layers=vision["layers"], heads=vision["width"] // vision.get("head_width", 64),
                patch_size=vision["patch_size"], image_size=vision["image_size"])
-    tower = VisionTower(cfg, rngs=nnx.Rngs(0))
+    tower = VisionTower(cfg, rngs=InitKeys(0))
     load_params(tower, split_in_proj(case.weights()), vision_key(meta.get("key_prefix", "embedder.model.")),
                 ignore=VISION_UNUSED.search, source=str(case.path))
     images = jnp.asarray(io["images"].transpose(0, 2, 3, 1))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from conftest import max_abs_error
 from upstream_cases.case import Case, tolerance
@@ -11,6 +10,7 @@ from vdjax.convert.keymap import load_params
 from vdjax.convert.openclip import TEXT_UNUSED, text_key, split_in_proj
 from vdjax.models.openclip import TextTower, text_config
 from vdjax.models.openclip_tokenizer import OpenCLIPTokenizer
+from vdjax.layers.primitives import InitKeys
 
 
 def run(case: Case) -> dict[str, float]:
@@ -19,7 +19,7 @@ def run(case: Case) -> dict[str, float]:
     cfg = text_config("tiny")
     cfg.update(width=text["width"], heads=text["heads"], layers=text["layers"], vocab_size=text["vocab_size"],
                context_length=text["context_length"])
-    tower = TextTower(cfg, rngs=nnx.Rngs(0))
+    tower = TextTower(cfg, rngs=InitKeys(0))
     prefix = meta.get("key_prefix", "cond_stage_model.model.")
     load_params(tower, split_in_proj(case.weights()), text_key(prefix), ignore=TEXT_UNUSED.search,
                 source=str(case.path))

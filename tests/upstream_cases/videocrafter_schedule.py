@@ -10,6 +10,7 @@ from upstream_cases.case import Case, tolerance
 from vdjax.convert import ldm, videocrafter
 from vdjax.convert.keymap import load_params
 from vdjax.diffusion import ddim, schedules
+from vdjax.diffusion.sampler import ddim_loop
 from vdjax.layers.primitives import InitKeys
 from vdjax.models.unet3d import UNet3D
 
@@ -33,12 +34,11 @@ def run_unet_loop(case: Case) -> dict[str, float]:
     ts = schedules.timesteps(schedule, loop["S"], "videocrafter")
     np.testing.assert_array_equal(ts[::-1], io["ddim_timesteps"])
     fps, context, uncond = jnp.asarray(io["fps"]), jnp.asarray(io["context"]), jnp.asarray(io["uc_context"])
-    x = to_last(io["x_T"])
-    for i, (t, t_prev) in enumerate(zip(ts, schedules.previous_timesteps(ts))):
-        t_b = jnp.full((x.shape[0],), t)
-        e = ddim.guidance(unet(x, t_b, uncond, fps=fps), unet(x, t_b, context, fps=fps),
-                          loop["unconditional_guidance_scale"])
-        x, _ = ddim.ddim_step(schedule, e, t, t_prev, x, eta=loop["eta"], noise=to_last(io["noise"][i]))
+    # vdjax's loop (guidance as one stacked batch), replaying upstream's noise at each step.
+    x = ddim_loop(lambda x, t, c: unet(x, t, c, fps=jnp.concatenate([fps, fps])[:x.shape[0]]), to_last(io["x_T"]),
+                  ts, schedule, context=context, uncond_context=uncond,
+                  guidance_scale=loop["unconditional_guidance_scale"], eta=loop["eta"], set_alpha_to_one=False,
+                  noises=jnp.stack([to_last(n) for n in io["noise"]]))
     ref = io["x0"]
     errors = {"x0": max_abs_error(np.asarray(x).transpose(0, 4, 1, 2, 3), ref)}
     assert errors["x0"] <= tolerance(ref), (errors, tolerance(ref))

@@ -21,15 +21,22 @@ def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule
               prev_timesteps: np.ndarray | None = None,
               uncond_context: jax.Array | None = None, guidance_scale: float | jax.Array = 1.0,
               guidance_rescale: float = 0.0, eta: float | jax.Array = 0.0, key: jax.Array | None = None,
-              set_alpha_to_one: bool = True, progress: Callable[[int, int], None] | None = None) -> jax.Array:
+              set_alpha_to_one: bool = True, progress: Callable[[int, int], None] | None = None,
+              noises: jax.Array | None = None) -> jax.Array:
     """Denoise `x_T` along the descending `timesteps` (a static numpy array). Guidance runs when `uncond_context`
     is given: the unconditional and conditional halves go through the model as one stacked batch.
+
+    The noise of eta > 0 comes from `key`, or from `noises` (steps, *x_T.shape), e.g. to replay another run.
 
     `prev_timesteps`: the timestep each step lands on (default: the next entry, -1 after the last — LDM's rule;
     diffusers' is `schedules.previous_timesteps(ts, step_ratio=1000 // steps)`)."""
     timesteps = np.asarray(timesteps)
     prev = schedules.previous_timesteps(timesteps) if prev_timesteps is None else np.asarray(prev_timesteps)
     keys = jax.random.split(key if key is not None else jax.random.key(0), len(timesteps))
+    if noises is not None and tuple(noises.shape) != (len(timesteps), *x_T.shape):
+        raise ValueError(f"noises must be (steps, *x_T.shape) = {(len(timesteps), *x_T.shape)}; got {noises.shape}")
+    given = noises is not None
+    noises = jnp.zeros((len(timesteps), 0)) if noises is None else jnp.asarray(noises, jnp.float32)
     batch = x_T.shape[0]
 
     def model(x, t):
@@ -40,8 +47,8 @@ def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule
         return ddim.guidance(both[:batch], both[batch:], guidance_scale, guidance_rescale)
 
     def step(x, inputs):
-        i, t, t_prev, k = inputs
-        noise = jax.random.normal(k, x.shape, jnp.float32)
+        i, t, t_prev, k, given_noise = inputs
+        noise = given_noise if given else jax.random.normal(k, x.shape, jnp.float32)
         x, _ = ddim.ddim_step(schedule, model(x, t), t, t_prev, x, eta=eta, noise=noise,
                               set_alpha_to_one=set_alpha_to_one)
         if progress is not None:
@@ -49,7 +56,7 @@ def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule
         return x, None
 
     x, _ = jax.lax.scan(step, x_T.astype(jnp.float32),
-                        (jnp.arange(len(timesteps)), jnp.asarray(timesteps), jnp.asarray(prev), keys))
+                        (jnp.arange(len(timesteps)), jnp.asarray(timesteps), jnp.asarray(prev), keys, noises))
     return x
 
 

@@ -3,7 +3,10 @@
     pipe = T2VPipeline.from_converted("models/sd15_mm_v2")          # or .from_files(config, model=..., ...)
     video = pipe(["a corgi running on the beach"], num_frames=16, steps=25, seed=0)   # uint8 (B, F, H, W, 3)
 
-Every size and setting is checked before any compute. The sampler compiles once per shape and step count.
+The family's config decides the details: the text encoder (CLIP, or OpenCLIP for VideoCrafter), the DDIM
+timestep rule (diffusers' for AnimateDiff; VideoCrafter's, with its per-timestep latent scale), and fps
+conditioning. Every size and setting is checked before any compute. The sampler compiles once per shape and
+step count.
 """
 from __future__ import annotations
 
@@ -33,19 +36,49 @@ def make_schedule(cfg) -> schedules.Schedule:
     return schedules.Schedule.create(beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
                                      beta_end=cfg.beta_end, num_train_timesteps=cfg.num_train_timesteps,
                                      prediction_type=cfg.prediction_type,
-                                     rescale_betas_zero_snr=cfg.rescale_betas_zero_snr)
+                                     rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+                                     use_scale=cfg.get("use_scale", False), scale_b=cfg.get("scale_b", 0.3),
+                                     fix_scale_bug=cfg.get("fix_scale_bug", False))
+
+
+def build_part(part: str, config, rngs) -> nnx.Module:
+    """A model part with fresh (random) weights, of the kind the config names."""
+    from vdjax.models import clip, openclip, resampler, unet3d, vae
+
+    builders = {
+        "unet": lambda: unet3d.UNet3D(config.unet, rngs=rngs),
+        "vae": lambda: vae.AutoencoderKL(config.vae, rngs=rngs),
+        "text_encoder": lambda: (openclip.TextTower if config.get("text_encoder_kind", "clip") == "openclip"
+                                 else clip.CLIPTextModel)(config.text_encoder, rngs=rngs),
+        "image_encoder": lambda: openclip.VisionTower(config.image_encoder, rngs=rngs),
+        "image_proj": lambda: resampler.Resampler(config.image_proj, rngs=rngs),
+    }
+    return builders[part]()
+
+
+def _encode_text(model, ids, skip):
+    from vdjax.models.openclip import TextTower
+
+    if isinstance(model, TextTower):  # OpenCLIP: the config's layer ('penultimate' for VideoCrafter), all tokens
+        return model(ids)
+    return model(ids, skip=skip).last_hidden_state
 
 
 class T2VPipeline:
     def __init__(self, config, unet, vae, text_encoder, tokenizer_folder: str | None = None):
         self.config, self.unet, self.vae, self.text_encoder = config, unet, vae, text_encoder
-        if tokenizer_folder is None:  # SD 1.x's tokenizer is CLIP's BPE, which vdjax bundles
-            tokenizer_folder = clip_tokenizer.write_tokenizer_folder(tempfile.mkdtemp(prefix="vdjax_tokenizer_"))
-        self.tokenizer = clip_tokenizer.load_tokenizer(tokenizer_folder)
+        if config.get("text_encoder_kind", "clip") == "openclip":  # OpenCLIP's own BPE (pads with 0)
+            from vdjax.models.openclip_tokenizer import OpenCLIPTokenizer
+
+            self.tokenizer = OpenCLIPTokenizer(context_length=config.text_encoder.context_length)
+        else:
+            if tokenizer_folder is None:  # SD 1.x's tokenizer is CLIP's BPE, which vdjax bundles
+                tokenizer_folder = clip_tokenizer.write_tokenizer_folder(tempfile.mkdtemp(prefix="vdjax_tokenizer_"))
+            self.tokenizer = clip_tokenizer.load_tokenizer(tokenizer_folder)
         self.schedule = make_schedule(config.schedule)
         self._unet_graph, self._unet_state = nnx.split(unet)
         self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress"))
-        self._encode = nnx.jit(lambda m, ids, skip: m(ids, skip=skip).last_hidden_state, static_argnums=2)
+        self._encode = nnx.jit(_encode_text, static_argnums=2)
         self._decode = nnx.jit(lambda m, z, chunk: m.decode_video(z, chunk_size=chunk), static_argnums=2)
 
     # ---- construction ----------------------------------------------------------------------------------------
@@ -55,8 +88,8 @@ class T2VPipeline:
 
         config, models = converted.load(folder, **kw)
         tokenizer = os.path.join(folder, "tokenizer")
-        return cls(config, models["unet"], models["vae"], models["text_encoder"],
-                   tokenizer if os.path.isdir(tokenizer) else None)
+        return cls(config, **cls._parts_of(models, folder),
+                   tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None)
 
     @classmethod
     def from_files(cls, config, **files) -> "T2VPipeline":
@@ -64,21 +97,25 @@ class T2VPipeline:
         from vdjax.convert import sources
 
         models = sources.load_models(config, **files)
-        missing = [p for p in ("unet", "vae", "text_encoder") if p not in models]
+        return cls(config, **cls._parts_of(models, "the files given"), tokenizer_folder=models.get("tokenizer_folder"))
+
+    @classmethod
+    def _parts_of(cls, models: dict, source: str) -> dict:
+        missing = [p for p in cls.PARTS if p not in models]
         if missing:
-            raise ValueError(f"no weights given for {', '.join(missing)}: pass a whole model (--model) or each part")
-        return cls(config, models["unet"], models["vae"], models["text_encoder"], models.get("tokenizer_folder"))
+            raise ValueError(f"{source}: no weights for {', '.join(missing)}; pass a whole model (--model) or each "
+                             f"part, for a config that has these parts")
+        return {p: models[p] for p in cls.PARTS}
 
     @classmethod
     def random_init(cls, config, seed: int = 0) -> "T2VPipeline":
         """Random weights: for smoke tests and benchmarks (the video is noise)."""
-        from vdjax.models.clip import CLIPTextModel
-        from vdjax.models.unet3d import UNet3D
-        from vdjax.models.vae import AutoencoderKL
+        from vdjax.layers.primitives import InitKeys
 
-        rngs = nnx.Rngs(seed)
-        return cls(config, UNet3D(config.unet, rngs=rngs), AutoencoderKL(config.vae, rngs=rngs),
-                   CLIPTextModel(config.text_encoder, rngs=rngs))
+        rngs = InitKeys(seed)  # nnx.Rngs would cost ~60x the time here (a Variable update per parameter)
+        return cls(config, **{part: build_part(part, config, rngs) for part in cls.PARTS})
+
+    PARTS = ("unet", "vae", "text_encoder")
 
     def set_unet(self, unet: nnx.Module) -> None:
         """Swap in other weights of the same UNet (e.g. a training run's EMA) without recompiling the sampler."""
@@ -107,19 +144,27 @@ class T2VPipeline:
 
     # ---- stages -----------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
-        ids = clip_tokenizer.tokenize(self.tokenizer, list(prompts), self.config.text_encoder.max_position_embeddings)
+        if self.config.get("text_encoder_kind", "clip") == "openclip":
+            ids = self.tokenizer(list(prompts))
+        else:
+            ids = clip_tokenizer.tokenize(self.tokenizer, list(prompts),
+                                          self.config.text_encoder.max_position_embeddings)
         return self._encode(self.text_encoder, jnp.asarray(ids), int(self.config.sample.clip_skip))
 
     def timesteps(self, steps: int) -> np.ndarray:
         cfg = self.config.schedule
         return schedules.timesteps(self.schedule, steps, spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
 
-    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, *, steps, guided, progress):
+    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, fps, *, steps, guided,
+                   progress):
         unet = nnx.merge(self._unet_graph, unet_state)
         ts = self.timesteps(steps)
-        # diffusers' DDIMScheduler steps from t to t - num_train_timesteps // steps (not always the next entry).
-        prev = schedules.previous_timesteps(ts, step_ratio=self.config.schedule.num_train_timesteps // steps)
-        return ddim_loop(lambda x, t, c: unet(x, t, c), x_T, ts, self.schedule, prev_timesteps=prev,
+        if self.config.schedule.timestep_spacing == "videocrafter":  # VideoCrafter's DDIMSampler: the next entry
+            prev = schedules.previous_timesteps(ts)
+        else:  # diffusers' DDIMScheduler steps from t to t - num_train_timesteps // steps (not always the next one)
+            prev = schedules.previous_timesteps(ts, step_ratio=self.config.schedule.num_train_timesteps // steps)
+        fps = fps if self.config.unet.fps_conditioning else None
+        return ddim_loop(lambda x, t, c: unet(x, t, c, fps=fps), x_T, ts, self.schedule, prev_timesteps=prev,
                          context=context, uncond_context=uncond if guided else None, guidance_scale=guidance_scale,
                          guidance_rescale=self.config.sample.guidance_rescale, eta=eta, key=key,
                          set_alpha_to_one=self.config.schedule.set_alpha_to_one, progress=progress)
@@ -127,18 +172,28 @@ class T2VPipeline:
     def sample_latents(self, x_T, context, uncond, *, steps: int, guidance_scale: float, eta: float, key,
                        progress: Callable | None = None) -> jax.Array:
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at scale <= 1
+        fps = jnp.int32(self.config.sample.fps)  # the UNet's fps conditioning, if any (one for the whole batch)
         return self._sample(self._unet_state, x_T, context, uncond, jnp.float32(guidance_scale), jnp.float32(eta),
-                            key, steps=steps, guided=guided, progress=progress)
+                            key, fps, steps=steps, guided=guided, progress=progress)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         return self._decode(self.vae, latents / self.config.vae.scaling_factor, int(self.config.sample.vae_chunk_size))
+
+    def conditioning(self, prompts: list[str], negative: list[str], *, height: int, width: int,
+                     **conditions) -> tuple[jax.Array, jax.Array]:
+        """(context, unconditional context) for the UNet's cross-attention."""
+        if conditions:
+            raise TypeError(f"this text-to-video pipeline takes no {', '.join(conditions)}; for image-to-video use "
+                            "a config with an image encoder (e.g. configs/videocrafter.py:variant=i2v_512_v1)")
+        return self.encode_prompts(prompts), self.encode_prompts(negative)
 
     # ---- the whole thing --------------------------------------------------------------------------------------
     def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None, eta: float | None = None,
                  seed: int | None = None, latents: jax.Array | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> T2VOutput:
+                 progress: Callable[[int, int], None] | None = None, **conditions) -> T2VOutput:
+        """`conditions`: what else the pipeline conditions on (I2VPipeline: `image`)."""
         s = self.config.sample
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -158,8 +213,7 @@ class T2VPipeline:
         x_T = jax.random.normal(noise_key, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
         if x_T.shape != shape:
             raise ValueError(f"latents must have shape {shape}; got {x_T.shape}")
-        context = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(negative)
+        context, uncond = self.conditioning(prompts, negative, height=height, width=width, **conditions)
         z = self.sample_latents(x_T, context, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta,
                                 key=loop_key, progress=progress)
         frames = self.decode(z)

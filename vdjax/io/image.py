@@ -1,0 +1,37 @@
+"""Conditioning images in: read a file, and fit an image to the model's frame size."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) RGB (grayscale replicated, alpha dropped)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e}); give a PNG or JPEG file") from None
+
+
+def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (height, width, 3) in [-1, 1]: the largest centred crop of the target's aspect
+    ratio, resized (bicubic, antialiased). Upstream VideoCrafter resizes straight to the size instead, which
+    stretches images of another aspect ratio; for images of the model's aspect ratio the two agree."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3); got {image.dtype} {image.shape} (see read_image)")
+    h, w = image.shape[:2]
+    crop_h, crop_w = min(h, round(w * height / width)), min(w, round(h * width / height))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    crop = Image.fromarray(image[top:top + crop_h, left:left + crop_w])
+    if crop.size != (width, height):
+        crop = crop.resize((width, height), Image.BICUBIC)
+    return np.asarray(crop, np.float32) / 127.5 - 1.0
