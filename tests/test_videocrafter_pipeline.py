@@ -68,6 +68,10 @@ def test_i2v_bad_input_says_what_to_do(i2v):
         i2v(["a", "b"], image=np.zeros((3, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         i2v(["a"], image=np.zeros((8, 8), np.float32))
+    from vdjax.io.image import fit_image  # grayscale and RGBA are converted as PIL's convert('RGB') does
+    gray = np.random.default_rng(3).integers(0, 256, (20, 30), dtype=np.uint8)
+    rgba = np.concatenate([np.repeat(gray[..., None], 3, -1), np.zeros((20, 30, 1), np.uint8)], -1)
+    np.testing.assert_array_equal(fit_image(gray, 16, 24), fit_image(rgba, 16, 24))
     t2v = load_config("configs/videocrafter.py:variant=tiny_t2v_512_v2")
     with pytest.raises(ValueError, match="no image cross-attention"):
         I2VPipeline(t2v, i2v.unet, i2v.vae, i2v.text_encoder, i2v.image_encoder, i2v.image_proj)

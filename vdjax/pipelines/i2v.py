@@ -41,16 +41,13 @@ class I2VPipeline(T2VPipeline):
 
     def conditioning(self, prompts, negative, *, height, width, image=None, **conditions):
         if image is None:
-            raise ValueError("image-to-video needs an input image: pass image= (uint8 (H, W, 3), or one per prompt "
-                             "as (B, H, W, 3)); see vdjax.io.image.read_image")
+            raise ValueError("image-to-video needs an input image: pass image= (uint8 (H, W, 3), or one per prompt); "
+                             "see vdjax.io.image.read_image")
         text, uncond_text = super().conditioning(prompts, negative, height=height, width=width, **conditions)
-        images = np.asarray(image)
-        if images.ndim not in (3, 4) or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"image must be uint8 (H, W, 3), or (B, H, W, 3) for one per prompt; got "
-                             f"{images.dtype} {images.shape} (see vdjax.io.image.read_image)")
-        images = images[None] if images.ndim == 3 else images
+        # One image (H, W[, C]) for every prompt, or a list / (B, H, W, C) array of one per prompt.
+        images = [image] if isinstance(image, np.ndarray) and image.ndim <= 3 else list(image)
         if len(images) == 1:
-            images = np.repeat(images, len(prompts), axis=0)
+            images = images * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts; give one image, or one per prompt")
         fitted = np.stack([fit_image(im, height, width) for im in images])
