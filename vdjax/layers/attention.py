@@ -107,24 +107,57 @@ class Attention(nnx.Module):
 
 
 class DecoupledCrossAttention(Attention):
-    """Cross-attention to text and image tokens with a shared query: the first `text_tokens` context tokens go
-    through to_k/to_v, the rest (image tokens) through their own to_k_ip/to_v_ip; the two attentions (separate
-    softmaxes) are summed, the image one times `image_scale`, before to_out. VideoCrafter's I2V attention and
-    IP-Adapter's decoupled cross-attention."""
+    """Cross-attention to text and image tokens with a shared query: text tokens go through to_k/to_v, image tokens
+    through their own to_k_ip/to_v_ip; the two attentions (separate softmaxes) are summed, the image one times
+    `image_scale`, before to_out. The split: the first `text_tokens` are text (VideoCrafter's I2V attention), or
+    the last `image_tokens` are images (IP-Adapter's decoupled cross-attention, I2V-Adapter's)."""
 
-    def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int, text_tokens: int = 77,
-                 image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int, text_tokens: int | None = None,
+                 image_tokens: int | None = None, image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if (text_tokens is None) == (image_tokens is None):
+            raise ValueError("decoupled cross-attention: give text_tokens (leading) or image_tokens (trailing)")
         super().__init__(query_dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
         self.to_k_ip = dense(context_dim, heads * head_dim, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
         self.to_v_ip = dense(context_dim, heads * head_dim, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
-        self.text_tokens, self.image_scale = text_tokens, image_scale
+        self.text_tokens, self.image_tokens, self.image_scale = text_tokens, image_tokens, image_scale
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
-        if context is None or context.shape[1] <= self.text_tokens:
-            raise ValueError(f"image cross-attention needs {self.text_tokens} text tokens followed by image tokens; "
-                             f"got context of shape {None if context is None else tuple(context.shape)}")
+        split = self.text_tokens if self.text_tokens is not None else (
+            None if context is None else context.shape[1] - self.image_tokens)
+        if context is None or not 0 < split < context.shape[1]:
+            what = (f"{self.text_tokens} text tokens followed by image tokens" if self.text_tokens is not None
+                    else f"text tokens followed by {self.image_tokens} image tokens")
+            raise ValueError(f"image cross-attention needs {what} as context; got context of shape "
+                             f"{None if context is None else tuple(context.shape)}")
         q = self._split(self.to_q(x))
-        text, image = context[:, :self.text_tokens], context[:, self.text_tokens:]
+        text, image = context[:, :split], context[:, split:]
         out = (self._attend(q, text, self.to_k, self.to_v, causal)
                + self.image_scale * self._attend(q, image, self.to_k_ip, self.to_v_ip, causal))
         return self.to_out(out.reshape(*out.shape[:-2], -1))
+
+
+class FirstFrameAttention(Attention):
+    """I2V-Adapter's spatial self-attention: the ordinary per-frame self-attention, plus a first-frame branch in
+    which every frame's tokens query (own `to_q_ff`) the keys and values of its clip's first frame (the frozen
+    to_k/to_v), projected by its own `to_out_ff` (zero at init, so an adapted model starts as the base) and added."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, impl: str = "xla", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        super().__init__(query_dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
+        inner = heads * head_dim
+        self.to_q_ff = dense(query_dim, inner, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_out_ff = dense(inner, query_dim, (HEADS, EMBED), zero_init=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False,
+                 clips: int | None = None) -> jax.Array:
+        """x: (B*F, T, dim), the frames of each clip adjacent; `clips` = B."""
+        if context is not None or clips is None:
+            raise ValueError("first-frame attention is a self-attention over (clips * frames, tokens, dim); pass clips")
+        n, t, _ = x.shape
+        k, v = self._split(self.to_k(x)), self._split(self.to_v(x))
+        out = attention(self._split(self.to_q(x)), k, v, causal=causal, impl=self.impl)
+        first = lambda a: a.reshape(clips, n // clips, *a.shape[1:])[:, 0]  # (B, T, heads, head_dim)
+        q_ff = self._split(self.to_q_ff(x)).reshape(clips, -1, self.heads, k.shape[-1])  # all frames' queries
+        out_ff = attention(q_ff, first(k), first(v), impl=self.impl).reshape(n, t, -1)
+        return self.to_out(out.reshape(n, t, -1)) + self.to_out_ff(out_ff)

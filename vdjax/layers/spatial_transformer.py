@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdjax.layers.attention import Attention, DecoupledCrossAttention
+from vdjax.layers.attention import Attention, DecoupledCrossAttention, FirstFrameAttention
 from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, layer_norm
 
 
@@ -25,30 +25,36 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
     """Pre-norm self-attention, cross-attention to the context, feed-forward; each with a residual.
 
-    `image_tokens=True`: the cross-attention is decoupled (text tokens, then image tokens; see
-    `DecoupledCrossAttention`), as VideoCrafter's I2V model."""
+    `image_split`: the cross-attention is decoupled into text and image tokens (see `DecoupledCrossAttention`):
+    `{'text_tokens': 77}` as VideoCrafter's I2V model, `{'image_tokens': n}` as IP-Adapter. `first_frame`: the
+    self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_tokens: bool = False,
-                 text_tokens: int = 77, image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32,
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_split: dict | None = None,
+                 image_scale: float = 1.0, first_frame: bool = False, impl: str = "xla", dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-        self.attn1 = Attention(dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
+        self.attn1 = (FirstFrameAttention if first_frame else Attention)(dim, heads, head_dim, impl=impl, dtype=dtype,
+                                                                         rngs=rngs)
+        self.first_frame = first_frame
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
-        if image_tokens:
-            self.attn2 = DecoupledCrossAttention(dim, heads, head_dim, context_dim=context_dim,
-                                                 text_tokens=text_tokens, image_scale=image_scale, impl=impl,
-                                                 dtype=dtype, rngs=rngs)
+        if image_split:
+            self.attn2 = DecoupledCrossAttention(dim, heads, head_dim, context_dim=context_dim, **image_split,
+                                                 image_scale=image_scale, impl=impl, dtype=dtype, rngs=rngs)
         else:
             self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
         self.norm3 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        """x: (B*F, T, dim) tokens of each frame; context: (B, S, context_dim), one per clip."""
-        x = x + self.attn1(self.norm1(x))
+    def __call__(self, x: jax.Array, context: jax.Array, *, num_frames: int | None = None) -> jax.Array:
+        """x: (B*F, T, dim) tokens of each frame; context: (B, S, context_dim), one per clip (or one per frame,
+        then give `num_frames` for the first-frame attention's clips)."""
+        clips = context.shape[0]
+        if self.first_frame:
+            x = x + self.attn1(self.norm1(x), clips=x.shape[0] // num_frames if num_frames else clips)
+        else:
+            x = x + self.attn1(self.norm1(x))
         # Cross-attention queries of all frames of a clip share its context: attend per clip, so that the
         # context's keys and values are projected once per clip instead of once per frame.
-        clips = context.shape[0]
         h = self.norm2(x).reshape(clips, -1, x.shape[-1])
         x = x + self.attn2(h, context).reshape(x.shape)
         return x + self.ff(self.norm3(x))
@@ -58,8 +64,8 @@ class SpatialTransformer(nnx.Module):
     """GroupNorm -> proj_in (1x1 conv, or linear for SD 2.x) -> transformer blocks -> proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, *, num_layers: int = 1, groups: int = 32,
-                 use_linear_projection: bool = False, image_tokens: bool = False, text_tokens: int = 77,
-                 image_scale: float = 1.0, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_linear_projection: bool = False, image_split: dict | None = None, image_scale: float = 1.0,
+                 first_frame: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"spatial transformer: {channels} channels do not split into {heads} heads")
         self.use_linear_projection = use_linear_projection
@@ -68,8 +74,8 @@ class SpatialTransformer(nnx.Module):
                    if use_linear_projection else (lambda: conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)))
         self.proj_in = project()
         self.transformer_blocks = nnx.List([
-            BasicTransformerBlock(channels, heads, channels // heads, context_dim, image_tokens=image_tokens,
-                                  text_tokens=text_tokens, image_scale=image_scale, impl=impl, dtype=dtype, rngs=rngs)
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, image_split=image_split,
+                                  image_scale=image_scale, first_frame=first_frame, impl=impl, dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
         self.proj_out = project()
 

@@ -27,9 +27,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 # Declared options that are not built yet, and the issue that brings each.
 _NOT_YET = {
-    ("image_cross_attention", "ip_adapter"): "#9 (I2V-Adapter / IP-Adapter)",
     ("image_cross_attention", "magdiff_apa"): "#10 (MagDiff adaptive prompts alignment)",
-    ("first_frame_attention", True): "#9 (I2V-Adapter first-frame attention)",
 }
 _CHOICES = {
     "motion.kind": ("none", "animatediff", "lvdm"),
@@ -69,11 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
             relative_position=False,  # lvdm: learned relative-position tables in temporal attention
             causal=False,  # lvdm: frame i attends to frames 0..i only
         ),
-        # 'lvdm_dual': VideoCrafter I2V, image tokens after `text_context_tokens` text tokens, own key/value.
+        # Decoupled image cross-attention (image tokens with their own key/value, added with a scale):
+        # 'lvdm_dual': VideoCrafter I2V, image tokens after `text_context_tokens` text tokens;
+        # 'ip_adapter': IP-Adapter / I2V-Adapter, the last `image_context_tokens` tokens are image tokens.
         image_cross_attention="none",
         text_context_tokens=77,
+        image_context_tokens=16,
         image_attention_scale=1.0,
-        first_frame_attention=False,
+        first_frame_attention=False,  # I2V-Adapter: every spatial self-attention also attends to frame 0
         fps_conditioning=False,  # VideoCrafter: fps through the sinusoid and its own MLP, added to temb
         init_attention=False,  # VideoCrafter's init_attn: a temporal transformer right after conv_in
         init_attention_heads=8,
@@ -169,9 +170,14 @@ def _transformers(cfg, ch, level, n, dtype, rngs):
     return nnx.List([SpatialTransformer(ch, cfg.num_attention_heads[level], cfg.cross_attention_dim,
                                         num_layers=cfg.transformer_layers, groups=cfg.norm_num_groups,
                                         use_linear_projection=cfg.use_linear_projection,
-                                        image_tokens=cfg.image_cross_attention == "lvdm_dual",
-                                        text_tokens=cfg.text_context_tokens, image_scale=cfg.image_attention_scale,
-                                        impl=cfg.attention_impl, dtype=dtype, rngs=rngs) for _ in range(n)])
+                                        image_split=_image_split(cfg), image_scale=cfg.image_attention_scale,
+                                        first_frame=cfg.first_frame_attention, impl=cfg.attention_impl, dtype=dtype,
+                                        rngs=rngs) for _ in range(n)])
+
+
+def _image_split(cfg) -> dict | None:
+    return {"lvdm_dual": {"text_tokens": cfg.text_context_tokens},
+            "ip_adapter": {"image_tokens": cfg.image_context_tokens}}.get(cfg.image_cross_attention)
 
 
 def _motion_modules(cfg, ch, n, level, dtype, rngs, *, mid=False):
@@ -270,6 +276,9 @@ class UNet3D(nnx.Module):
         if cfg.image_cross_attention == "lvdm_dual" and context_shape[1] <= cfg.text_context_tokens:
             raise ValueError(f"this image-to-video UNet takes {cfg.text_context_tokens} text tokens followed by the "
                              f"image tokens as context; got {context_shape[1]} tokens")
+        if cfg.image_cross_attention == "ip_adapter" and context_shape[1] <= cfg.image_context_tokens:
+            raise ValueError(f"this UNet's IP-Adapter attention takes text tokens followed by "
+                             f"{cfg.image_context_tokens} image tokens as context; got {context_shape[1]} tokens")
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
                  fps: jax.Array | None = None) -> jax.Array:
