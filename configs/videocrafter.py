@@ -10,16 +10,10 @@ variants keep every flag at test sizes.
 """
 import ml_collections
 
-from vdjax.convert.videocrafter import unet_config
+from vdjax.convert.videocrafter import RELEASES, unet_config
 from vdjax.models import openclip, resampler, vae
 
-# unet_config.params of each released yaml (only what differs between them; the rest is below).
-_UNET = {
-    "t2v_1024_v1": dict(temporal_conv=False, use_relative_position=True, fps_cond=True),
-    "t2v_512_v1": dict(temporal_conv=False, use_relative_position=True, fps_cond=False),
-    "i2v_512_v1": dict(temporal_conv=True, use_relative_position=False, fps_cond=True, use_image_attention=True),
-    "t2v_512_v2": dict(temporal_conv=True, use_relative_position=False, fps_cond=True),
-}
+# unet_config.params of each released yaml: what differs between them (RELEASES), then the rest.
 _COMMON = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
                channel_mult=[1, 2, 4, 4], num_head_channels=64, transformer_depth=1, context_dim=1024,
                use_linear=True, temporal_attention=True, temporal_selfatt_only=True, use_causal_attention=False,
@@ -33,7 +27,7 @@ _SCALE = {
     "i2v_512_v1": dict(use_scale=True, scale_b=0.7, fix_scale_bug=False),
     "t2v_512_v2": dict(use_scale=True, scale_b=0.7, fix_scale_bug=False),
 }
-VARIANTS = tuple(_UNET) + tuple("tiny_" + v for v in _UNET)
+VARIANTS = tuple(RELEASES) + tuple("tiny_" + v for v in RELEASES)
 
 
 def get_config(arg: str = "variant=t2v_512_v2") -> ml_collections.ConfigDict:
@@ -47,7 +41,7 @@ def get_config(arg: str = "variant=t2v_512_v2") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.family = "videocrafter"
     config.variant = variant
-    config.unet = unet_config({**_COMMON, **_UNET[name], **(_TINY if tiny else {})})
+    config.unet = unet_config({**_COMMON, **RELEASES[name], **(_TINY if tiny else {})})
     config.vae = vae.tiny_config() if tiny else vae.base_config()
     config.text_encoder_kind = "openclip"  # FrozenOpenCLIPEmbedder, layer 'penultimate'
     config.text_encoder = openclip.text_config("tiny" if tiny else "vit_h14")

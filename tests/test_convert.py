@@ -101,8 +101,7 @@ def test_layout_detection_names_what_it_reads():
         formats.detect(["something.else"], "x.safetensors")
     with pytest.raises(formats.UnknownFormatError, match="SDXL is not a vdjax family"):
         formats.detect(["conditioner.embedders.0.transformer.text_model.x", "model.diffusion_model.x"])
-    with pytest.raises(formats.UnknownFormatError, match="issue #8"):
-        formats.detect(["model.diffusion_model.init_attn.0.weight"])
+    assert formats.detect(["model.diffusion_model.init_attn.0.proj_in.weight"]) == "videocrafter"
 
 
 def test_bad_files_say_what_is_wrong(tmp_path, snapshot):

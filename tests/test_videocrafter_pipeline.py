@@ -77,14 +77,25 @@ def test_i2v_bad_input_says_what_to_do(i2v):
         I2VPipeline(t2v, i2v.unet, i2v.vae, i2v.text_encoder, i2v.image_encoder, i2v.image_proj)
 
 
-def test_sample_script_takes_an_image(tmp_path):
+def test_sample_script_runs_i2v_from_a_released_layout_checkpoint(tmp_path):
+    """End to end: a tiny I2V model.ckpt in VideoCrafter's layout (upstream key names, torch layouts, packed
+    OpenCLIP projections, schedule buffers) -> launch/sample.py --model --image -> a video file."""
+    import torch
+
+    from test_videocrafter_convert import config, released_state_dict, tiny_models
+
+    variant = "tiny_i2v_512_v1"
+    ckpt = tmp_path / "model.ckpt"
+    state = released_state_dict(tiny_models(variant), config(variant))
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}}, ckpt)
     frame = tmp_path / "frame.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(frame)
-    cmd = [sys.executable, "launch/sample.py", "--config=configs/videocrafter.py:variant=tiny_i2v_512_v1",
-           "--random_init", "--prompt=a cat", "--steps=2"]
+    cmd = [sys.executable, "launch/sample.py", f"--config=configs/videocrafter.py:variant={variant}",
+           f"--model={ckpt}", "--prompt=a cat", "--steps=2"]
     missing = subprocess.run(cmd + [f"--output={tmp_path / 'a.gif'}"], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and "give --image" in missing.stderr
     ok = subprocess.run(cmd + [f"--image={frame}", f"--output={tmp_path / 'b.gif'}"], cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "weights: model=" in ok.stdout
     assert (tmp_path / "b.gif").stat().st_size > 0

@@ -6,6 +6,8 @@ from typing import Iterable
 
 # name -> what it is; the order of `detect`'s checks matters (more specific first).
 READABLE = {
+    "videocrafter": "VideoCrafter1/2 model.ckpt (LVDM 3-D UNet with temporal transformers, init_attn, temopral_conv, "
+                    "fps_embedding; I2V: embedder.* OpenCLIP image tower, image_proj_model.* resampler)",
     "ldm_sd1": "original LDM single file, SD 1.x (model.diffusion_model.*, first_stage_model.*, "
                "cond_stage_model.transformer.*) — also community DreamBooth/fine-tuned files",
     "ldm_sd2": "original LDM single file, SD 2.x (cond_stage_model.model.* OpenCLIP text encoder)",
@@ -21,12 +23,19 @@ READABLE = {
 }
 # Recognised, but built by later work: the error says so instead of "unknown".
 NOT_YET = {
-    "videocrafter": (r"(temopral_conv|init_attn|\.fps_embedding\.|image_proj_model\.)", "issue #8 (VideoCrafter)"),
     "i2v_adapter": (r"(to_q_ff|to_out_ff)", "issue #9 (I2V-Adapter)"),
     "ip_adapter": (r"^(image_proj\.|ip_adapter\.)", "issue #9 (IP-Adapter)"),
     "sdxl": (r"^(conditioner\.embedders\.|model\.diffusion_model\.label_emb\.|add_embedding\.)",
              "no issue: SDXL is not a vdjax family"),
 }
+
+
+# openaimodel3d's own keys: a temporal transformer in slot 2 (SD has none there: its input blocks stop at 1, its
+# output blocks' slot 2 is the upsampler, its middle block's the second ResBlock), init_attn, the temporal convs
+# (spelled so upstream), fps_embedding, relative-position tables; and the I2V image branch.
+VIDEOCRAFTER = (r"^model\.diffusion_model\.((input_blocks\.\d+|output_blocks\.\d+|middle_block)\.2\."
+                r"transformer_blocks\.|init_attn\.|fps_embedding\.|.*\.temopral_conv\.|.*\.relative_position_[kv]\.)|"
+                r"^image_proj_model\.|^embedder\.model\.visual\.")
 
 
 class UnknownFormatError(ValueError):
@@ -44,6 +53,8 @@ def detect(keys: Iterable[str], source: str = "checkpoint") -> str:
         return "kohya_lora"
     if has(r"\.lora_[AB]\.weight$|\.lora\.(up|down)\.weight$|_lora\.(up|down)\.weight$"):
         return "peft_lora"
+    if has(VIDEOCRAFTER):
+        return "videocrafter"
     if has(r"^model\.diffusion_model\."):
         return "ldm_sd2" if has(r"^cond_stage_model\.model\.") else "ldm_sd1"
     if has(r"motion_modules\.\d+\.temporal_transformer\."):

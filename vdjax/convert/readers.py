@@ -147,6 +147,9 @@ def _read_sharded_safetensors(index_path: str) -> LazyStateDict:
                          lambda k: shards[weight_map[k]][k])
 
 
+DEEPSPEED_PREFIX = "_forward_module."  # DeepSpeed's wrapper module, in front of every key of `ckpt['module']`
+
+
 def _unwrap(obj, path: str) -> dict:
     """Lightning/LDM checkpoints nest the weights under 'state_dict'; DeepSpeed under 'module' with a prefix."""
     import torch
@@ -155,8 +158,7 @@ def _unwrap(obj, path: str) -> dict:
         if isinstance(obj, dict) and isinstance(obj.get(container), dict):
             obj = obj[container]
             if container == "module":
-                obj = {k[len("_forward_module."):] if k.startswith("_forward_module.") else k: v
-                       for k, v in obj.items()}
+                obj = {k[len(DEEPSPEED_PREFIX):] if k.startswith(DEEPSPEED_PREFIX) else k: v for k, v in obj.items()}
             break
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors (found {type(obj).__name__} with keys "
@@ -192,6 +194,13 @@ def _read_torch(path: str) -> LazyStateDict:
     return LazyStateDict(path, {k: tuple(v.shape) for k, v in tensors.items()}, lambda k: _as_numpy(tensors[k]))
 
 
+def _without_deepspeed_prefix(state: LazyStateDict) -> LazyStateDict:
+    """A DeepSpeed state dict saved flat (e.g. re-saved as .safetensors) keeps `_forward_module.` on every key."""
+    if len(state) and all(k.startswith(DEEPSPEED_PREFIX) for k in state):
+        return state.subset(DEEPSPEED_PREFIX)
+    return state
+
+
 def read_state_dict(path: str) -> LazyStateDict:
     """A checkpoint file (or a sharded safetensors index) -> lazy state dict."""
     path = os.fspath(path)
@@ -201,11 +210,11 @@ def read_state_dict(path: str) -> LazyStateDict:
         raise CheckpointError(f"{path} is a folder; for a diffusers snapshot use read_folder(), or name the file")
     name = path.lower()
     if name.endswith(".safetensors.index.json"):
-        return _read_sharded_safetensors(path)
+        return _without_deepspeed_prefix(_read_sharded_safetensors(path))
     if name.endswith(SAFETENSORS):
-        return _read_safetensors(path)
+        return _without_deepspeed_prefix(_read_safetensors(path))
     if name.endswith(TORCH):
-        return _read_torch(path)
+        return _without_deepspeed_prefix(_read_torch(path))
     raise CheckpointError(f"{path}: unknown file type; vdjax reads {', '.join(SAFETENSORS + TORCH)} files, "
                           "sharded '*.safetensors.index.json' and diffusers snapshot folders.")
 

@@ -1,8 +1,10 @@
 """From checkpoint files to device-ready models: which key map serves which part in which layout.
 
-`load_models(config, model=..., unet=..., motion_module=..., vae=..., text_encoder=..., loras=...)` reads each
-part's file(s) lazily, detects the layout from the keys, and fills the part's abstract model one parameter at a
-time, straight into its sharding when a mesh is given.
+`load_models(config, model=..., unet=..., motion_module=..., vae=..., text_encoder=..., image_encoder=...,
+image_proj=..., loras=...)` reads each part's file(s) lazily, detects the layout from the keys, and fills the part's
+abstract model one parameter at a time, straight into its sharding when a mesh is given. The parts are those the
+config has: unet, vae, text_encoder, and for an image-conditioned config (VideoCrafter I2V) image_encoder and
+image_proj.
 """
 from __future__ import annotations
 
@@ -12,21 +14,29 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from vdjax.convert import animatediff, diffusers, formats, hf_clip, keymap
+from vdjax.convert import animatediff, diffusers, formats, hf_clip, keymap, videocrafter
 from vdjax.convert.combined import combine, namespaced, split_ignore
 from vdjax.convert.keymap import PartMap
 from vdjax.convert.readers import CheckpointError, read_folder, read_state_dict
 from vdjax.layers.primitives import InitKeys
 from vdjax.models.clip import CLIPTextModel
-from vdjax.models.openclip import TextTower
+from vdjax.models.openclip import TextTower, VisionTower
+from vdjax.models.resampler import Resampler
 from vdjax.models.unet3d import UNet3D
 from vdjax.models.vae import AutoencoderKL
 
-PARTS = ("unet", "vae", "text_encoder")
+PARTS = ("unet", "vae", "text_encoder", "image_encoder", "image_proj")
+
+
+def config_parts(config) -> tuple[str, ...]:
+    """The parts a model config builds: those of PARTS it has a section for."""
+    return tuple(p for p in PARTS if p in config)
 
 
 def part_map(part: str, fmt: str, config) -> PartMap:
     """The key map of `part` for a file in layout `fmt` (see vdjax.convert.formats)."""
+    if fmt == "videocrafter":
+        return videocrafter.part_map(part, config)
     if fmt.startswith("ldm"):
         from vdjax.convert import ldm
 
@@ -51,7 +61,9 @@ def abstract_part(part: str, config) -> nnx.Module:
     builders = {"unet": lambda: UNet3D(config.unet, rngs=InitKeys(0)),
                 "vae": lambda: AutoencoderKL(config.vae, rngs=InitKeys(0)),
                 "text_encoder": lambda: (TextTower if config.get("text_encoder_kind", "clip") == "openclip"
-                                         else CLIPTextModel)(config.text_encoder, rngs=InitKeys(0))}
+                                         else CLIPTextModel)(config.text_encoder, rngs=InitKeys(0)),
+                "image_encoder": lambda: VisionTower(config.image_encoder, rngs=InitKeys(0)),
+                "image_proj": lambda: Resampler(config.image_proj, rngs=InitKeys(0))}
     return nnx.eval_shape(builders[part])
 
 
@@ -93,6 +105,7 @@ def load_part(part: str, config, sources: Mapping[str, Mapping], *, shardings_fo
     abstract = abstract_part(part, config)
     state = sources[part]
     fmt = formats.detect(state, getattr(state, "source", part))
+    videocrafter.check_file(part, state, fmt, config, getattr(state, "source", part))
     pmap = part_map(part, fmt, config)
     if part == "unet" and "motion" in sources:
         motion = sources["motion"]
@@ -118,14 +131,22 @@ def load_part(part: str, config, sources: Mapping[str, Mapping], *, shardings_fo
 
 def load_models(config, *, parts: Sequence[str] | None = None, shardings_for=None, dtype=jnp.float32,
                 loras: Sequence[tuple[str, float]] = (), progress=None, **files) -> dict[str, nnx.Module]:
-    """Read the files (`model=`, `unet=`, `motion_module=`, `vae=`, `text_encoder=`) and build every part they
-    provide, LoRAs merged. `shardings_for(abstract_model) -> {path: sharding}` puts each parameter in place."""
+    """Read the files (`model=`, `unet=`, `motion_module=`, `vae=`, `text_encoder=`, `image_encoder=`,
+    `image_proj=`) and build every part of the config (`config_parts`) they provide, LoRAs merged: {part: model},
+    plus 'tokenizer_folder' when a snapshot has one. `shardings_for(abstract_model) -> {path: sharding}` puts each
+    parameter in place."""
     sources = resolve_sources(**files)
     if "motion" in sources and "unet" not in sources:
         raise CheckpointError("a motion module needs a base UNet: give --model or --unet as well")
-    wanted = [p for p in (parts or PARTS) if p in sources]
+    has = config_parts(config)
+    absent = [p for p in (parts or ()) if p not in has]
+    if absent:
+        raise CheckpointError(f"the config ({config.get('family', '?')} {config.get('variant', '')}) has no "
+                              f"{', '.join(absent)}; its parts are {', '.join(has)}")
+    wanted = [p for p in (parts or has) if p in sources]
     if not wanted:
-        raise CheckpointError("no model files given: pass model=, unet=, vae= or text_encoder=")
+        raise CheckpointError("no model files given: pass model=, unet=, vae=, text_encoder=, image_encoder= or "
+                              "image_proj=")
     models = {p: load_part(p, config, sources, shardings_for=shardings_for, dtype=dtype,
                            progress=(lambda i, n, k, p=p: progress(p, i, n, k)) if progress else None)
               for p in wanted}
