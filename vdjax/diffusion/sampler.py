@@ -22,11 +22,15 @@ def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule
               uncond_context: jax.Array | None = None, guidance_scale: float | jax.Array = 1.0,
               guidance_rescale: float = 0.0, eta: float | jax.Array = 0.0, key: jax.Array | None = None,
               set_alpha_to_one: bool = True, progress: Callable[[int, int], None] | None = None,
-              noises: jax.Array | None = None) -> jax.Array:
+              noises: jax.Array | None = None, clip_sample: float | None = None,
+              fixed_first_frame: bool = False) -> jax.Array:
     """Denoise `x_T` along the descending `timesteps` (a static numpy array). Guidance runs when `uncond_context`
     is given: the unconditional and conditional halves go through the model as one stacked batch.
 
     The noise of eta > 0 comes from `key`, or from `noises` (steps, *x_T.shape), e.g. to replay another run.
+    `clip_sample`: clip the predicted x0 to [-c, c] (diffusers' DDIMScheduler clip_sample). `fixed_first_frame`:
+    frame 0 of x_T (B, F, ...) is a clean latent the model sees at every step and the sampler never changes
+    (I2V-Adapter).
 
     `prev_timesteps`: the timestep each step lands on (default: the next entry, -1 after the last — LDM's rule;
     diffusers' is `schedules.previous_timesteps(ts, step_ratio=1000 // steps)`)."""
@@ -49,8 +53,9 @@ def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule
     def step(x, inputs):
         i, t, t_prev, k, given_noise = inputs
         noise = given_noise if given else jax.random.normal(k, x.shape, jnp.float32)
-        x, _ = ddim.ddim_step(schedule, model(x, t), t, t_prev, x, eta=eta, noise=noise,
-                              set_alpha_to_one=set_alpha_to_one)
+        new, _ = ddim.ddim_step(schedule, model(x, t), t, t_prev, x, eta=eta, noise=noise,
+                                set_alpha_to_one=set_alpha_to_one, clip_sample=clip_sample)
+        x = new.at[:, 0].set(x[:, 0]) if fixed_first_frame else new
         if progress is not None:
             jax.debug.callback(progress, i + 1, len(timesteps))
         return x, None

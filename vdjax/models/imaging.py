@@ -95,3 +95,54 @@ def kornia_resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
             blur.append(gaussian_matrix(n, sigma, kernel + 1 - kernel % 2))
         images = _apply(images, *blur)
     return bicubic_align_corners(images, size)
+
+
+# ---- colour matching (I2V-Adapter's post-processing) ---------------------------------------------------------
+_RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                        [0.019334, 0.119193, 0.950227]])
+_WHITE = np.array([0.950456, 1.0, 1.088754])  # D65, as OpenCV
+
+
+def _lab_f(t):
+    return np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16 / 116)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 sRGB (..., 3) -> float64 CIE L*a*b* (L in [0, 100]), D65 white, as OpenCV's float conversion."""
+    c = rgb.astype(np.float64) / 255.0
+    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    fx, fy, fz = np.moveaxis(_lab_f((linear @ _RGB_TO_XYZ.T) / _WHITE), -1, 0)
+    return np.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """float CIE L*a*b* (..., 3) -> uint8 sRGB (rounded, clipped)."""
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
+    xyz = np.where(f > 0.206893, f ** 3, (f - 16 / 116) / 7.787) * _WHITE
+    linear = np.clip(xyz @ np.linalg.inv(_RGB_TO_XYZ).T, 0, 1)
+    c = np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
+    return np.clip(np.round(c * 255), 0, 255).astype(np.uint8)
+
+
+def match_histogram(source: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """`source`'s values remapped so that their cumulative histogram follows `template`'s (same shape out)."""
+    values, index, counts = np.unique(source.ravel(), return_inverse=True, return_counts=True)
+    t_values, t_counts = np.unique(template.ravel(), return_counts=True)
+    quantiles = np.cumsum(counts) / source.size
+    t_quantiles = np.cumsum(t_counts) / template.size
+    return np.interp(quantiles, t_quantiles, t_values)[index].reshape(source.shape)
+
+
+def match_colors(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """uint8 frames (F, H, W, 3): each frame's a* and b* histograms matched to `reference`'s, its lightness kept
+    (I2V-Adapter's post-processing; the released code runs it on 8-bit LAB of RGB data read as BGR — here the
+    conversion is the correct RGB one). Values are quantised to the 8-bit LAB grid as in the released code."""
+    ref = np.round(rgb_to_lab(reference))
+    out = []
+    for frame in frames:
+        lab = np.round(rgb_to_lab(frame))
+        for ch in (1, 2):
+            lab[..., ch] = np.round(match_histogram(lab[..., ch], ref[..., ch]))
+        out.append(lab_to_rgb(lab))
+    return np.stack(out)

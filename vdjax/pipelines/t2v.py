@@ -50,8 +50,10 @@ def build_part(part: str, config, rngs) -> nnx.Module:
         "vae": lambda: vae.AutoencoderKL(config.vae, rngs=rngs),
         "text_encoder": lambda: (openclip.TextTower if config.get("text_encoder_kind", "clip") == "openclip"
                                  else clip.CLIPTextModel)(config.text_encoder, rngs=rngs),
-        "image_encoder": lambda: openclip.VisionTower(config.image_encoder, rngs=rngs),
-        "image_proj": lambda: resampler.Resampler(config.image_proj, rngs=rngs),
+        "image_encoder": lambda: (clip.CLIPVisionModelWithProjection if config.get("image_encoder_kind") == "clip"
+                                  else openclip.VisionTower)(config.image_encoder, rngs=rngs),
+        "image_proj": lambda: (resampler.ImageProjModel if "clip_extra_context_tokens" in config.image_proj
+                               else resampler.Resampler)(config.image_proj, rngs=rngs),
     }
     return builders[part]()
 
@@ -77,7 +79,7 @@ class T2VPipeline:
             self.tokenizer = clip_tokenizer.load_tokenizer(tokenizer_folder)
         self.schedule = make_schedule(config.schedule)
         self._unet_graph, self._unet_state = nnx.split(unet)
-        self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress"))
+        self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress", "start"))
         self._encode = nnx.jit(_encode_text, static_argnums=2)
         self._decode = nnx.jit(lambda m, z, chunk: m.decode_video(z, chunk_size=chunk), static_argnums=2)
 
@@ -155,26 +157,33 @@ class T2VPipeline:
         cfg = self.config.schedule
         return schedules.timesteps(self.schedule, steps, spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
 
+    def previous_timesteps(self, ts: np.ndarray, steps: int) -> np.ndarray:
+        if self.config.schedule.timestep_spacing == "videocrafter":  # VideoCrafter's DDIMSampler: the next entry
+            return schedules.previous_timesteps(ts)
+        # diffusers' DDIMScheduler steps from t to t - num_train_timesteps // steps (not always the next one)
+        return schedules.previous_timesteps(ts, step_ratio=self.config.schedule.num_train_timesteps // steps)
+
     def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, fps, *, steps, guided,
-                   progress):
+                   progress, start=0):
         unet = nnx.merge(self._unet_graph, unet_state)
         ts = self.timesteps(steps)
-        if self.config.schedule.timestep_spacing == "videocrafter":  # VideoCrafter's DDIMSampler: the next entry
-            prev = schedules.previous_timesteps(ts)
-        else:  # diffusers' DDIMScheduler steps from t to t - num_train_timesteps // steps (not always the next one)
-            prev = schedules.previous_timesteps(ts, step_ratio=self.config.schedule.num_train_timesteps // steps)
+        prev = self.previous_timesteps(ts, steps)[start:]
+        ts = ts[start:]  # start > 0: from a partly noised x_T (I2V-Adapter's frame prior at a later t0)
         fps = fps if self.config.unet.fps_conditioning else None
+        clip = self.config.schedule.get("clip_sample", False)
         return ddim_loop(lambda x, t, c: unet(x, t, c, fps=fps), x_T, ts, self.schedule, prev_timesteps=prev,
+                         clip_sample=1.0 if clip is True else (clip or None),
+                         fixed_first_frame=self.config.unet.first_frame_attention,
                          context=context, uncond_context=uncond if guided else None, guidance_scale=guidance_scale,
                          guidance_rescale=self.config.sample.guidance_rescale, eta=eta, key=key,
                          set_alpha_to_one=self.config.schedule.set_alpha_to_one, progress=progress)
 
     def sample_latents(self, x_T, context, uncond, *, steps: int, guidance_scale: float, eta: float, key,
-                       progress: Callable | None = None) -> jax.Array:
+                       progress: Callable | None = None, start: int = 0) -> jax.Array:
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at scale <= 1
         fps = jnp.int32(self.config.sample.fps)  # the UNet's fps conditioning, if any (one for the whole batch)
         return self._sample(self._unet_state, x_T, context, uncond, jnp.float32(guidance_scale), jnp.float32(eta),
-                            key, fps, steps=steps, guided=guided, progress=progress)
+                            key, fps, steps=steps, guided=guided, progress=progress, start=start)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         return self._decode(self.vae, latents / self.config.vae.scaling_factor, int(self.config.sample.vae_chunk_size))
@@ -210,11 +219,21 @@ class T2VPipeline:
         noise_key, loop_key = jax.random.split(key)
         f = self.vae.downsampling_factor
         shape = (len(prompts), num_frames, height // f, width // f, self.config.unet.in_channels)
-        x_T = jax.random.normal(noise_key, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
+        x_T, context, uncond, start = self.prepare(noise_key, shape, prompts, negative, latents, steps=steps,
+                                                   **conditions)
+        z = self.sample_latents(x_T, context, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta,
+                                key=loop_key, progress=progress, start=start)
+        return T2VOutput(self.postprocess(to_uint8(np.asarray(self.decode(z)))), np.asarray(z))
+
+    def prepare(self, key, shape, prompts, negative, latents, *, steps: int, **conditions):
+        """(x_T, context, unconditional context, first step): the sampler's start and its conditioning."""
+        x_T = jax.random.normal(key, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
         if x_T.shape != shape:
             raise ValueError(f"latents must have shape {shape}; got {x_T.shape}")
-        context, uncond = self.conditioning(prompts, negative, height=height, width=width, **conditions)
-        z = self.sample_latents(x_T, context, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta,
-                                key=loop_key, progress=progress)
-        frames = self.decode(z)
-        return T2VOutput(to_uint8(np.asarray(frames)), np.asarray(z))
+        context, uncond = self.conditioning(prompts, negative, height=shape[2] * self.vae.downsampling_factor,
+                                            width=shape[3] * self.vae.downsampling_factor, **conditions)
+        return x_T, context, uncond, 0
+
+    def postprocess(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (B, F, H, W, 3) decoded frames -> what the pipeline returns (here: unchanged)."""
+        return frames

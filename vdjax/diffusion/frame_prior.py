@@ -1,0 +1,55 @@
+"""I2V-Adapter's Frame Similarity Prior: the later frames start from the first frame's latent, degraded and noised.
+
+D(x) = M * x + (1 - M) * GaussianBlur(x), with M a random binary mask keeping each element with probability p
+(the blur in latent space, kernel 9 and sigma 18 as the released code), then forward-diffused to the starting
+timestep t0. Frame 0 stays the clean first-frame latent: I2V-Adapter never noises it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdjax.diffusion.schedules import Schedule
+
+
+def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
+    """torchvision's 1-D Gaussian kernel: exp(-x^2 / (2 sigma^2)) at x = -(size-1)/2 .. (size-1)/2, normalised."""
+    x = np.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=np.float32)
+    k = np.exp(-0.5 * (x / np.float32(sigma)) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_blur(x: jax.Array, size: int, sigma: float) -> jax.Array:
+    """(N, H, W, C) blurred over H and W with reflect padding (torchvision's GaussianBlur), separably."""
+    k = jnp.asarray(gaussian_kernel(size, sigma))
+    pad = size // 2
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = x.shape[1] - 2 * pad, x.shape[2] - 2 * pad
+    x = sum(k[i] * x[:, i:i + h] for i in range(size))
+    return sum(k[i] * x[:, :, i:i + w] for i in range(size))
+
+
+def degrade(key: jax.Array, first: jax.Array, num_frames: int, *, keep_prob: float = 0.5, kernel: int = 9,
+            sigma: float = 18.0) -> jax.Array:
+    """first (B, h, w, C) clean first-frame latents -> (B, F, h, w, C): D(first) for frames 1.., first at frame 0."""
+    repeated = jnp.broadcast_to(first[:, None], (first.shape[0], num_frames, *first.shape[1:]))
+    keep = jax.random.uniform(key, repeated.shape) < keep_prob
+    blurred = gaussian_blur(first, kernel, sigma)[:, None]  # every frame is the same image: blur it once
+    out = jnp.where(keep, repeated, blurred)
+    return out.at[:, 0].set(first)
+
+
+def initial_latents(key: jax.Array, first: jax.Array, num_frames: int, schedule: Schedule, t0: int, *,
+                    enabled: bool = True, keep_prob: float = 0.5, kernel: int = 9, sigma: float = 18.0) -> jax.Array:
+    """The sampler's start (B, F, h, w, C): frame 0 the clean `first` latent; the others D(first) diffused to `t0`
+    (Frame Similarity Prior), or pure noise when `enabled` is False."""
+    k_mask, k_noise = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (first.shape[0], num_frames, *first.shape[1:]), jnp.float32)
+    if enabled:
+        a = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t0]
+        x = jnp.sqrt(a) * degrade(k_mask, first, num_frames, keep_prob=keep_prob, kernel=kernel, sigma=sigma)
+        x = x + jnp.sqrt(1 - a) * noise
+    else:
+        x = noise
+    return x.at[:, 0].set(first)
