@@ -27,10 +27,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import ProgressBar, WeightFlags
+from launch_helpers import ProgressBar, WeightFlags, pipeline_class
 from vdjax.io.image import read_image
 from vdjax.io.video import check_output, write_video
-from vdjax.pipelines.i2v import I2VPipeline
 from vdjax.pipelines.t2v import T2VPipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
@@ -76,7 +75,7 @@ def _outputs(n: int) -> list[str]:
 
 
 def _pipeline(config) -> T2VPipeline:
-    kind = I2VPipeline if "image_encoder" in config else T2VPipeline
+    kind = pipeline_class(config)
     given = _WEIGHTS.files()
     if _RANDOM.value:
         print("weights: random (--random_init)")

@@ -20,10 +20,10 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from vdjax.data.moving_shapes import MovingShapes
+from vdjax.data.moving_shapes import MovingShapes, make_clip
 from vdjax.data.pipeline import make_dataset
 from vdjax.data.video_folder import VideoFolder
-from vdjax.models import clip_tokenizer
+from launch_helpers import pipeline_class
 from vdjax.pipelines.t2v import T2VPipeline
 from vdjax.train.feed import BatchStream, TokenizedBatches
 from vdjax.train.loop import train
@@ -70,8 +70,12 @@ def make_sampler(pipe: T2VPipeline, trainer: Trainer, config):
     def sample(state):
         pipe.set_unet(nnx.merge(trainer.graphdef, state.ema, trainer.frozen))
         s = config.sample  # this run's settings (a converted model folder carries its own config)
+        image = {}
+        if "image_encoder" in config:  # image-to-video: the first frame of the first training clip
+            image["image"] = make_clip(0, num_frames=1, size=max(s.height, s.width))["first_frame"]
         return pipe([config.train.sample_prompt], num_frames=s.num_frames, height=s.height, width=s.width,
-                    steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, seed=config.train.seed).frames
+                    steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, seed=config.train.seed,
+                    **image).frames
     return sample
 
 
@@ -88,14 +92,14 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    pipe = (T2VPipeline.from_converted(_CHECKPOINT.value) if _CHECKPOINT.value
-            else T2VPipeline.random_init(config, seed=config.train.seed))
-    trainer = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+    kind = pipeline_class(config)
+    pipe = (kind.from_converted(_CHECKPOINT.value) if _CHECKPOINT.value
+            else kind.random_init(config, seed=config.train.seed))
+    trainer = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder,
+                      image_encoder=getattr(pipe, "image_encoder", None), image_proj=getattr(pipe, "image_proj", None))
     print(f"trainable parameters: {trainer.trainable_count:,} (of {trainer.trainable_count + trainer.frozen_count:,});"
           f" devices: {jax.device_count()} on {jax.process_count()} host(s); mesh {dict(trainer.mesh.shape)}")
-    tokenizer = pipe.tokenizer
-    stream = make_batches(config, lambda c: clip_tokenizer.tokenize(tokenizer, c,
-                                                                    config.text_encoder.max_position_embeddings))
+    stream = make_batches(config, pipe.tokenize)
     train(trainer, _WORKDIR.value, stream, num_steps=_STEPS.value, data_state=stream.get_state,
           set_data_state=stream.set_state, log=_print_metrics, sample=make_sampler(pipe, trainer, config))
     print(f"done: {_WORKDIR.value}")

@@ -58,7 +58,7 @@ def build_part(part: str, config, rngs) -> nnx.Module:
     return builders[part]()
 
 
-def _encode_text(model, ids, skip):
+def encode_text(model, ids, skip: int = 0):
     from vdjax.models.openclip import TextTower
 
     if isinstance(model, TextTower):  # OpenCLIP: the config's layer ('penultimate' for VideoCrafter), all tokens
@@ -80,7 +80,7 @@ class T2VPipeline:
         self.schedule = make_schedule(config.schedule)
         self._unet_graph, self._unet_state = nnx.split(unet)
         self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress", "start"))
-        self._encode = nnx.jit(_encode_text, static_argnums=2)
+        self._encode = nnx.jit(encode_text, static_argnums=2)
         self._decode = nnx.jit(lambda m, z, chunk: m.decode_video(z, chunk_size=chunk), static_argnums=2)
 
     # ---- construction ----------------------------------------------------------------------------------------
@@ -145,12 +145,14 @@ class T2VPipeline:
             raise ValueError(f"eta={eta}; DDIM's eta is in [0, 1] (0 = deterministic)")
 
     # ---- stages -----------------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """(N, 77) int token ids for the text encoder (CLIP's or OpenCLIP's tokenizer, as the config says)."""
         if self.config.get("text_encoder_kind", "clip") == "openclip":
-            ids = self.tokenizer(list(prompts))
-        else:
-            ids = clip_tokenizer.tokenize(self.tokenizer, list(prompts),
-                                          self.config.text_encoder.max_position_embeddings)
+            return np.asarray(self.tokenizer(list(prompts)))
+        return clip_tokenizer.tokenize(self.tokenizer, list(prompts), self.config.text_encoder.max_position_embeddings)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+        ids = self.tokenize(prompts)
         return self._encode(self.text_encoder, jnp.asarray(ids), int(self.config.sample.clip_skip))
 
     def timesteps(self, steps: int) -> np.ndarray:

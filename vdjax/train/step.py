@@ -31,6 +31,8 @@ class Trainer:
     vae: nnx.Module
     text_encoder: nnx.Module
     mesh: jax.sharding.Mesh | None = None
+    image_encoder: nnx.Module | None = None  # image-conditioned families: frozen, inside the step
+    image_proj: nnx.Module | None = None
 
     def __post_init__(self):
         cfg = self.config
@@ -58,6 +60,10 @@ class Trainer:
         self._trainable_template = place(trainable)
         self.vae_state = jax.device_put(self.vae_state, replicated)
         self.text_state = jax.device_put(self.text_state, replicated)
+        self.image_graph, self.image_state = None, None
+        if self.image_encoder is not None:  # one frozen module: encoder then projection
+            self.image_graph, self.image_state = nnx.split(nnx.List([self.image_encoder, self.image_proj]))
+            self.image_state = jax.device_put(self.image_state, replicated)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
         self._replicated = replicated
         self._compiled = {}  # batch shapes -> the compiled step
@@ -88,7 +94,7 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        args = (state, self.frozen, self.vae_state, self.text_state, self.shard_batch(batch))
+        args = (state, self.frozen, self.vae_state, self.text_state, self.image_state, self.shard_batch(batch))
         shapes = tuple((k, v.shape) for k, v in sorted(args[-1].items()))
         if shapes not in self._compiled:  # compiled ahead of time once, so its FLOPs are known for the MFU estimate
             start = time.perf_counter()
@@ -100,7 +106,25 @@ class Trainer:
             self.step_flops = flops.compiled_flops(self._compiled[shapes])
         return self._compiled[shapes](*args)
 
-    def _step_fn(self, state, frozen, vae_state, text_state, batch):
+    def _image_tokens(self, image_state, first_frames):
+        """The clip's first frame (B, H, W, 3) in [-1, 1] -> image tokens (I2V-Adapter's IP-Adapter, or
+        VideoCrafter I2V's OpenCLIP + Resampler)."""
+        from vdjax.models.clip import CLIP_MEAN, CLIP_STD
+
+        from vdjax.models.openclip import videocrafter_preprocess
+
+        encoder, proj = nnx.merge(self.image_graph, image_state)
+        if self.config.get("image_encoder_kind") != "clip":  # VideoCrafter: OpenCLIP tokens -> Resampler
+            return proj(encoder(videocrafter_preprocess(first_frames)))
+        size = self.config.image_encoder.image_size
+        x = jax.image.resize(first_frames, (first_frames.shape[0], size, size, 3), "bicubic", antialias=True)
+        x = ((jnp.clip(x, -1, 1) + 1) / 2 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+        out = encoder(x)
+        plus = "clip_extra_context_tokens" not in self.config.image_proj
+        return proj(out.penultimate_hidden_state if plus else out.image_embeds)
+
+    def _step_fn(self, state, frozen, vae_state, text_state, image_state, batch):
+        from vdjax.pipelines.t2v import encode_text
         cfg = self.config
         rng = jax.random.wrap_key_data(state.rng)
         rng, k_t, k_noise, k_z = jax.random.split(rng, 4)
@@ -110,11 +134,18 @@ class Trainer:
         moments = vae.quant_conv(vae.encoder(video.reshape(b * f, *video.shape[2:])))
         z = Posterior(moments).sample(k_z) * cfg.vae.scaling_factor
         z = jax.lax.stop_gradient(z.reshape(b, f, *z.shape[1:]))
-        context = jax.lax.stop_gradient(nnx.merge(self.text_graph, text_state)(batch["input_ids"]).last_hidden_state)
+        context = encode_text(nnx.merge(self.text_graph, text_state), batch["input_ids"])  # CLIP or OpenCLIP
+        if image_state is not None:
+            context = jnp.concatenate([context, self._image_tokens(image_state, video[:, 0])], axis=1)
+        context = jax.lax.stop_gradient(context)
         t = jax.random.randint(k_t, (b,), 0, len(self.alphas_cumprod))
         noise = jax.random.normal(k_noise, z.shape, jnp.float32)
         a = self.alphas_cumprod[t][:, None, None, None, None]
         noisy = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
+        first_clean = cfg.train.get("first_frame_clean", False)
+        fps = jnp.int32(cfg.sample.fps) if cfg.unet.fps_conditioning else None  # the clips' frame rate
+        if first_clean:  # I2V-Adapter: the first frame enters clean, and only the later frames are denoised
+            noisy = noisy.at[:, 0].set(z[:, 0])
         if cfg.schedule.prediction_type == "v_prediction":
             target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * z
         elif cfg.schedule.prediction_type == "epsilon":
@@ -124,8 +155,12 @@ class Trainer:
 
         def loss_fn(trainable):
             unet = nnx.merge(self.graphdef, trainable, frozen)
-            pred = unet(noisy, t, context)
-            return jnp.mean(jnp.square(pred - target))
+            pred = unet(noisy, t, context, fps=fps)
+            if first_clean:
+                pred, target_ = pred[:, 1:], target[:, 1:]
+            else:
+                target_ = target
+            return jnp.mean(jnp.square(pred - target_))
 
         policy = REMAT[cfg.train.remat]
         if policy is not None:

@@ -1,0 +1,101 @@
+"""I2V-Adapter's sampling and training around the (upstream-checked) attention layers: the Frame Similarity Prior,
+the clean first frame the sampler never touches, colour matching, and a trainer that only trains the adapter."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import load_config
+from vdjax.diffusion import frame_prior
+from vdjax.models.imaging import match_colors, rgb_to_lab
+from vdjax.pipelines.i2v_adapter import I2VAdapterPipeline
+from vdjax.train.step import Trainer
+
+SPEC = "configs/i2v_adapter_sd15.py:variant=tiny"
+
+
+def test_blur_equals_torchvision_gaussian_blur():
+    """torchvision's GaussianBlur((9, 9), 18): a normalised outer-product kernel, reflect padding (written with
+    torch's conv2d here, as torchvision is not a dependency)."""
+    x = np.random.default_rng(0).normal(size=(2, 4, 16, 12)).astype(np.float32)
+    k = np.exp(-0.5 * (np.linspace(-4, 4, 9) / 18.0) ** 2)
+    k = torch.from_numpy(np.outer(k / k.sum(), k / k.sum())).float()[None, None].repeat(4, 1, 1, 1)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x), (4,) * 4, mode="reflect"), k,
+                                     groups=4).numpy()
+    ours = np.asarray(frame_prior.gaussian_blur(jnp.asarray(x.transpose(0, 2, 3, 1)), 9, 18.0)).transpose(0, 3, 1, 2)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_frame_prior_keeps_frame_zero_and_mixes_the_rest():
+    first = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+    x = frame_prior.degrade(jax.random.key(1), first, 6, keep_prob=0.3)
+    np.testing.assert_array_equal(x[:, 0], first)
+    blurred = frame_prior.gaussian_blur(first, 9, 18.0)[:, None]
+    kept = np.isclose(x[:, 1:], first[:, None])
+    assert np.all(kept | np.isclose(x[:, 1:], blurred))
+    assert abs(kept.mean() - 0.3) < 0.02  # 15k elements: the keep fraction is p
+    pipe_schedule = load_config(SPEC)  # any schedule: the tiny config's
+    from vdjax.pipelines.t2v import make_schedule
+    schedule = make_schedule(pipe_schedule.schedule)
+    x_T = frame_prior.initial_latents(jax.random.key(2), first, 6, schedule, 999)
+    np.testing.assert_array_equal(x_T[:, 0], first)
+    a = float(schedule.alphas_cumprod[999])
+    assert abs(float(jnp.std(x_T[:, 1:])) - np.sqrt(a * 1 + 1 - a)) < 0.05  # mostly noise at t=999
+
+
+def test_colour_matching_moves_a_b_histograms_and_keeps_lightness():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(60, 190, (24, 24, 3), dtype=np.uint8)  # mid-range: the tint stays in gamut
+    tinted = (ref.astype(int) + [40, -20, -40]).astype(np.uint8)
+    out = match_colors(tinted[None], ref)[0]
+    lab_ref, lab_out, lab_tint = rgb_to_lab(ref), rgb_to_lab(out), rgb_to_lab(tinted)
+    for ch in (1, 2):  # a*, b* distributions now follow the reference's
+        before = np.abs(np.sort(lab_tint[..., ch].ravel()) - np.sort(lab_ref[..., ch].ravel())).mean()
+        after = np.abs(np.sort(lab_out[..., ch].ravel()) - np.sort(lab_ref[..., ch].ravel())).mean()
+        assert after < before / 3, (ch, before, after)
+    assert np.abs(lab_out[..., 0] - lab_tint[..., 0]).mean() < 2.0  # lightness kept (gamut clipping aside)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return I2VAdapterPipeline.random_init(load_config(SPEC))
+
+
+def test_the_sampler_never_changes_the_clean_first_frame(pipe):
+    image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    shape = (1, 4, 4, 4, 4)
+    x_T, context, uncond, start = pipe.prepare(jax.random.key(0), shape, ["a cat"], [""], None, steps=4,
+                                               image=image)
+    assert context.shape == (1, 77 + 16, 32) and uncond.shape == context.shape and start == 0
+    z = pipe.sample_latents(x_T, context, uncond, steps=4, guidance_scale=7.5, eta=0.0, key=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(z[:, 0]), np.asarray(x_T[:, 0]))
+    assert not np.allclose(z[:, 1:], x_T[:, 1:])
+    out = pipe(["a cat"], image=image)  # end to end: frame prior, loop, decode, colour matching
+    assert out.frames.shape == (1, 4, 32, 32, 3)
+
+
+def test_bad_input_says_what_to_do(pipe):
+    with pytest.raises(ValueError, match="needs the first frame"):
+        pipe(["a cat"])
+    bad = load_config(SPEC)
+    bad.unet.first_frame_attention = False
+    with pytest.raises(ValueError, match="first_frame_attention"):
+        I2VAdapterPipeline(bad, pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.image_proj)
+
+
+def test_training_trains_only_the_first_frame_attention(pipe):
+    trainer = Trainer(pipe.config, pipe.unet, pipe.vae, pipe.text_encoder, image_encoder=pipe.image_encoder,
+                      image_proj=pipe.image_proj)
+    adapter = sum(v.size for p, v in nnx.to_flat_state(nnx.state(pipe.unet, nnx.Param))
+                  if p[-2] in ("to_q_ff", "to_out_ff"))
+    assert trainer.trainable_count == adapter > 0
+    rng = np.random.default_rng(0)
+    batch = {"video": rng.uniform(-1, 1, (2, 4, 32, 32, 3)).astype(np.float32),
+             "input_ids": rng.integers(0, 49407, (2, 77)).astype(np.int32)}
+    state = trainer.init(0)
+    state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
