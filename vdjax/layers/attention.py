@@ -161,3 +161,30 @@ class FirstFrameAttention(Attention):
         q_ff = self._split(self.to_q_ff(x)).reshape(clips, -1, self.heads, k.shape[-1])  # all frames' queries
         out_ff = attention(q_ff, first(k), first(v), impl=self.impl).reshape(n, t, -1)
         return self.to_out(out.reshape(n, t, -1)) + self.to_out_ff(out_ff)
+
+
+class AdaptivePromptsAttention(DecoupledCrossAttention):
+    """MagDiff's Adaptive Prompts Alignment: the decoupled cross-attention (77 text tokens, then the subject's image
+    tokens) with learnable weights: out = to_out(alpha1 * Attn(q, K_text, V_text) + alpha2 * Attn(q, K_img, V_img)).
+    alpha1/alpha2 start at the released code's 1.0 and 1.5 unless given."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int, text_tokens: int = 77,
+                 text_scale: float = 1.0, image_scale: float = 1.5, impl: str = "xla", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        super().__init__(query_dim, heads, head_dim, context_dim=context_dim, text_tokens=text_tokens, impl=impl,
+                         dtype=dtype, rngs=rngs)
+        self.text_cross_attention_scale = nnx.Param(jnp.full((1,), text_scale, jnp.float32), **axis_names((None,)))
+        self.image_cross_attention_scale = nnx.Param(jnp.full((1,), image_scale, jnp.float32), **axis_names((None,)))
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
+        if context is None or not 0 < self.text_tokens < context.shape[1]:
+            raise ValueError(f"adaptive prompts attention needs {self.text_tokens} text tokens followed by the "
+                             f"subject's image tokens; got context of shape "
+                             f"{None if context is None else tuple(context.shape)}")
+        q = self._split(self.to_q(x))
+        text, image = context[:, :self.text_tokens], context[:, self.text_tokens:]
+        alpha1 = self.text_cross_attention_scale[...].astype(q.dtype)
+        alpha2 = self.image_cross_attention_scale[...].astype(q.dtype)
+        out = (alpha1 * self._attend(q, text, self.to_k, self.to_v, causal)
+               + alpha2 * self._attend(q, image, self.to_k_ip, self.to_v_ip, causal))
+        return self.to_out(out.reshape(*out.shape[:-2], -1))

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdjax.layers.attention import Attention, DecoupledCrossAttention, FirstFrameAttention
+from vdjax.layers.attention import (AdaptivePromptsAttention, Attention, DecoupledCrossAttention,
+                                    FirstFrameAttention)
 from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, layer_norm
 
 
@@ -26,7 +27,8 @@ class BasicTransformerBlock(nnx.Module):
     """Pre-norm self-attention, cross-attention to the context, feed-forward; each with a residual.
 
     `image_split`: the cross-attention is decoupled into text and image tokens (see `DecoupledCrossAttention`):
-    `{'text_tokens': 77}` as VideoCrafter's I2V model, `{'image_tokens': n}` as IP-Adapter. `first_frame`: the
+    `{'text_tokens': 77}` as VideoCrafter's I2V model, `{'image_tokens': n}` as IP-Adapter; with
+    `'adaptive': (alpha1, alpha2)` MagDiff's learnable weights (`AdaptivePromptsAttention`). `first_frame`: the
     self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_split: dict | None = None,
@@ -37,7 +39,12 @@ class BasicTransformerBlock(nnx.Module):
                                                                          rngs=rngs)
         self.first_frame = first_frame
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
-        if image_split:
+        if image_split and "adaptive" in image_split:
+            alpha1, alpha2 = image_split["adaptive"]
+            self.attn2 = AdaptivePromptsAttention(dim, heads, head_dim, context_dim=context_dim,
+                                                  text_tokens=image_split["text_tokens"], text_scale=alpha1,
+                                                  image_scale=alpha2, impl=impl, dtype=dtype, rngs=rngs)
+        elif image_split:
             self.attn2 = DecoupledCrossAttention(dim, heads, head_dim, context_dim=context_dim, **image_split,
                                                  image_scale=image_scale, impl=impl, dtype=dtype, rngs=rngs)
         else:

@@ -26,9 +26,7 @@ from vdjax.layers.temporal import TemporalConvBlock, TemporalTransformer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Declared options that are not built yet, and the issue that brings each.
-_NOT_YET = {
-    ("image_cross_attention", "magdiff_apa"): "#10 (MagDiff adaptive prompts alignment)",
-}
+_NOT_YET: dict = {}  # (option, value) -> the issue that builds it; empty while every declared option is built
 _CHOICES = {
     "motion.kind": ("none", "animatediff", "lvdm"),
     "motion.norm_scope": ("frame", "clip"),
@@ -69,8 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
         ),
         # Decoupled image cross-attention (image tokens with their own key/value, added with a scale):
         # 'lvdm_dual': VideoCrafter I2V, image tokens after `text_context_tokens` text tokens;
-        # 'ip_adapter': IP-Adapter / I2V-Adapter, the last `image_context_tokens` tokens are image tokens.
+        # 'ip_adapter': IP-Adapter / I2V-Adapter, the last `image_context_tokens` tokens are image tokens;
+        # 'magdiff_apa': MagDiff's APA, like 'lvdm_dual' with learnable weights starting at apa_scales.
         image_cross_attention="none",
+        apa_scales=(1.0, 1.5),
         text_context_tokens=77,
         image_context_tokens=16,
         image_attention_scale=1.0,
@@ -177,7 +177,9 @@ def _transformers(cfg, ch, level, n, dtype, rngs):
 
 def _image_split(cfg) -> dict | None:
     return {"lvdm_dual": {"text_tokens": cfg.text_context_tokens},
-            "ip_adapter": {"image_tokens": cfg.image_context_tokens}}.get(cfg.image_cross_attention)
+            "ip_adapter": {"image_tokens": cfg.image_context_tokens},
+            "magdiff_apa": {"text_tokens": cfg.text_context_tokens, "adaptive": tuple(cfg.apa_scales)},
+            }.get(cfg.image_cross_attention)
 
 
 def _motion_modules(cfg, ch, n, level, dtype, rngs, *, mid=False):
@@ -273,7 +275,7 @@ class UNet3D(nnx.Module):
         if len(context_shape) != 3 or context_shape[0] != b or context_shape[-1] != cfg.cross_attention_dim:
             raise ValueError(f"context must be (batch={b}, tokens, {cfg.cross_attention_dim}); got shape "
                              f"{tuple(context_shape)}")
-        if cfg.image_cross_attention == "lvdm_dual" and context_shape[1] <= cfg.text_context_tokens:
+        if cfg.image_cross_attention in ("lvdm_dual", "magdiff_apa") and context_shape[1] <= cfg.text_context_tokens:
             raise ValueError(f"this image-to-video UNet takes {cfg.text_context_tokens} text tokens followed by the "
                              f"image tokens as context; got {context_shape[1]} tokens")
         if cfg.image_cross_attention == "ip_adapter" and context_shape[1] <= cfg.image_context_tokens:
