@@ -99,3 +99,46 @@ def test_training_trains_only_the_first_frame_attention(pipe):
     state = trainer.init(0)
     state, metrics = trainer.step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_a_zero_initialised_adapter_leaves_the_base_unet_unchanged():
+    """to_out_ff at its zero init: the adapted UNet equals the base UNet (same other weights) exactly; with a
+    random to_out_ff it does not."""
+    from conftest import randomize_nnx
+    from vdjax.models.unet3d import UNet3D
+    from vdjax.layers.primitives import InitKeys
+
+    cfg = load_config(SPEC).unet
+    base_cfg = cfg.copy_and_resolve_references()
+    base_cfg.first_frame_attention = False
+    adapted, base = UNet3D(cfg, rngs=InitKeys(0)), UNet3D(base_cfg, rngs=InitKeys(0))
+    randomize_nnx(base, seed=3)
+    flat = dict(nnx.to_flat_state(nnx.state(adapted, nnx.Param)))
+    for path, var in nnx.to_flat_state(nnx.state(base, nnx.Param)):
+        flat[path].set_value(var.get_value())
+    for path, var in flat.items():
+        if "to_q_ff" in path:  # any value: its branch is multiplied by the zero to_out_ff
+            var.set_value(jax.random.normal(jax.random.key(len(path)), var.shape))
+    nnx.update(adapted, nnx.from_flat_state(flat))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 3, 8, 8, 4)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(1, 77 + 16, 32)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(adapted(x, 500, context)), np.asarray(base(x, 500, context)))
+    for path, var in flat.items():
+        if "to_out_ff" in path:
+            var.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), var.shape))
+    nnx.update(adapted, nnx.from_flat_state(flat))
+    assert float(jnp.max(jnp.abs(adapted(x, 500, context) - base(x, 500, context)))) > 1e-3
+
+
+def test_frame_prior_with_p_1_at_the_last_timestep_is_plain_noising():
+    from vdjax.pipelines.t2v import make_schedule
+
+    schedule = make_schedule(load_config(SPEC).schedule)
+    first = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    key = jax.random.key(5)
+    x = frame_prior.initial_latents(key, first, 5, schedule, 999, keep_prob=1.0)
+    noise = jax.random.normal(jax.random.split(key)[1], (2, 5, 8, 8, 4))
+    a = float(schedule.alphas_cumprod[999])
+    expected = (np.sqrt(a) * first[:, None] + np.sqrt(1 - a) * noise).at[:, 0].set(first)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(expected), atol=1e-6)
