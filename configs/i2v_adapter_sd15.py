@@ -46,6 +46,7 @@ def get_config(arg: str = "variant=sd15") -> ml_collections.ConfigDict:
         "tiny" if tiny else "ip_adapter_plus_sd15",
         **(dict(num_queries=16, embedding_dim=config.image_encoder.hidden_size,
                 output_dim=config.unet.cross_attention_dim) if tiny else {}))
+    config.image_proj.kind = "resampler"  # IP-Adapter-Plus (16 tokens); 'image_proj_model' for the plain one
     config.schedule.update(steps_offset=0, clip_sample=True)  # DDIMScheduler(beta_*) with its defaults
     config.sample.update(steps=25, guidance_scale=7.5, eta=0.0, num_frames=16, height=512, width=512, seed=42,
                          negative_prompt="worst quality, low quality, normal quality, lowres, bad anatomy, "

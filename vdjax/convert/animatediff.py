@@ -8,6 +8,7 @@ import numpy as np
 
 from vdjax.convert.diffusers import unet_key
 from vdjax.convert.keymap import Path, rename
+from vdjax.convert.readers import shape_of
 
 MOTION_RENAMES = (
     (r"(motion_modules\.\d+\.|^)(norm|proj_in|proj_out|transformer_blocks)\.", r"\1temporal_transformer.\2."),
@@ -31,7 +32,7 @@ def is_motion_param(path: Path) -> bool:
 
 def check_position_tables(state_dict: Mapping[str, np.ndarray], max_positions: int, source: str) -> None:
     """The released files carry their sinusoidal tables; their length tells v1 (24) from v2/v3 (32)."""
-    lengths = {np.shape(v)[1] for k, v in state_dict.items() if POSITION_TABLE.search(k)}
+    lengths = {shape_of(state_dict, k)[1] for k in state_dict if POSITION_TABLE.search(k)}  # no tensor read
     if lengths and lengths != {max_positions}:
         raise ValueError(f"{source}: position tables of length {sorted(lengths)}, but the config's motion module "
                          f"has {max_positions} positions; a 24-long table is AnimateDiff v1, 32 is v2/v3 — pick the "

@@ -12,6 +12,11 @@ READABLE = {
                "cond_stage_model.transformer.*) — also community DreamBooth/fine-tuned files",
     "ldm_sd2": "original LDM single file, SD 2.x (cond_stage_model.model.* OpenCLIP text encoder)",
     "ldm_vae": "original LDM VAE file (encoder.down.*, decoder.up.*), e.g. vae-ft-mse-840000-ema-pruned.ckpt",
+    "ip_adapter": "IP-Adapter (ip-adapter_sd15 / ip-adapter-plus_sd15 .safetensors or .bin: image_proj.*, "
+                  "ip_adapter.<idx>.to_k_ip/to_v_ip)",
+    "i2v_adapter_unet": "I2V-Adapter UNet3D state dict (animatediff_v15_v1_ipplus.pth: diffusers-named spatial UNet, "
+                        "AnimateDiff motion modules, IP-Adapter attn2.to_k_ip/to_v_ip)",
+    "i2v_adapter_module": "I2V-Adapter first-frame attention (i2v_module.pth: attn1.to_q_ff / attn1.to_out_ff)",
     "animatediff_motion": "AnimateDiff motion module (mm_sd_v15.ckpt, mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt)",
     "diffusers_motion_adapter": "diffusers MotionAdapter (down_blocks.*.motion_modules.*)",
     "diffusers_unet": "diffusers UNet2DConditionModel / UNetMotionModel",
@@ -23,8 +28,6 @@ READABLE = {
 }
 # Recognised, but built by later work: the error says so instead of "unknown".
 NOT_YET = {
-    "i2v_adapter": (r"(to_q_ff|to_out_ff)", "issue #9 (I2V-Adapter)"),
-    "ip_adapter": (r"^(image_proj\.|ip_adapter\.)", "issue #9 (IP-Adapter)"),
     "sdxl": (r"^(conditioner\.embedders\.|model\.diffusion_model\.label_emb\.|add_embedding\.)",
              "no issue: SDXL is not a vdjax family"),
 }
@@ -55,10 +58,16 @@ def detect(keys: Iterable[str], source: str = "checkpoint") -> str:
         return "peft_lora"
     if has(VIDEOCRAFTER):
         return "videocrafter"
+    if has(r"^(image_proj\.|ip_adapter\.\d+\.to_[kv]_ip\.)"):
+        return "ip_adapter"
     if has(r"^model\.diffusion_model\."):
         return "ldm_sd2" if has(r"^cond_stage_model\.model\.") else "ldm_sd1"
     if has(r"motion_modules\.\d+\.temporal_transformer\."):
-        return "animatediff_motion"
+        # A whole UNet3D (spatial keys or IP-Adapter projections beside the motion modules) is I2V-Adapter's.
+        return ("i2v_adapter_unet" if has(r"\.attn2\.to_[kv]_ip\.weight$|^down_blocks\.\d+\.resnets\.")
+                else "animatediff_motion")
+    if has(r"\.attn1\.(to_q_ff|to_out_ff)\."):
+        return "i2v_adapter_module"
     if has(r"motion_modules\.\d+\.") and not has(r"\.resnets\.\d+\."):
         return "diffusers_motion_adapter"
     if has(r"^(first_stage_model\.)?encoder\.down\.\d+\.block\."):

@@ -150,10 +150,19 @@ def _read_sharded_safetensors(index_path: str) -> LazyStateDict:
 DEEPSPEED_PREFIX = "_forward_module."  # DeepSpeed's wrapper module, in front of every key of `ckpt['module']`
 
 
+# IP-Adapter's .bin files hold {'image_proj': {...}, 'ip_adapter': {...}}; read as its .safetensors spells the same
+# tensors: 'image_proj.<key>', 'ip_adapter.<key>'.
+NESTED_PARTS = ("image_proj", "ip_adapter")
+
+
 def _unwrap(obj, path: str) -> dict:
-    """Lightning/LDM checkpoints nest the weights under 'state_dict'; DeepSpeed under 'module' with a prefix."""
+    """Lightning/LDM checkpoints nest the weights under 'state_dict'; DeepSpeed under 'module' with a prefix;
+    IP-Adapter's .bin under 'image_proj' and 'ip_adapter' (flattened with those prefixes)."""
     import torch
 
+    if (isinstance(obj, dict) and obj and set(obj) <= set(NESTED_PARTS)
+            and all(isinstance(v, dict) for v in obj.values())):
+        return {f"{name}.{k}": v for name, part in obj.items() for k, v in part.items() if isinstance(v, torch.Tensor)}
     for container in ("state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(container), dict):
             obj = obj[container]
