@@ -84,7 +84,7 @@ from test_train import _batch
 cfg = load_config(sys.argv[1])
 pipe = T2VPipeline.from_converted(sys.argv[2])
 results = {}
-for name, shape, devices in [("d2f4", {"data": 2, "fsdp": 4}, None), ("d2t2f2", {"data": 2, "tensor": 2, "fsdp": 2}, None)]:
+for name, shape, devices in [("d2t2f2", {"data": 2, "tensor": 2, "fsdp": 2}, None)]:
     trainer = Trainer(cfg, pipe.unet, pipe.vae, pipe.text_encoder, mesh=parallel.make_mesh(shape, devices))
     state = trainer.init(0)
     losses = []
@@ -98,7 +98,7 @@ for name, shape, devices in [("d2f4", {"data": 2, "fsdp": 4}, None), ("d2t2f2", 
     except ValueError as e:
         results[name + "_bad_batch"] = str(e)
 report = {"devices": len(jax.devices())}
-for name in ("d2f4", "d2t2f2"):
+for name in ("d2t2f2",):
     losses, params = results[name]
     np.savez(sys.argv[3] + "/" + name + ".npz", *params)
     report[name] = {"losses": losses, "bad_batch": results[name + "_bad_batch"]}
@@ -107,7 +107,7 @@ print(json.dumps(report))
 
 
 def test_sharded_steps_equal_the_single_device_step(model_folder, tmp_path):
-    """8 fake CPU devices: data=2 x fsdp=4 and data=2 x tensor=2 x fsdp=2 against one device (this process), two
+    """8 fake CPU devices: data=2 x tensor=2 x fsdp=2 (every mesh axis at once) against one device (this process), two
     steps. The same math in another order of float32 sums: we require 1e-5 on the loss and on the parameters."""
     single = T2VPipeline.from_converted(model_folder)
     trainer = Trainer(single.config, single.unet, single.vae, single.text_encoder)
@@ -122,7 +122,7 @@ def test_sharded_steps_equal_the_single_device_step(model_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
-    for name in ("d2f4", "d2t2f2"):
+    for name in ("d2t2f2",):
         params = np.load(tmp_path / f"{name}.npz")
         loss_diff = max(abs(a - b) for a, b in zip(report[name]["losses"], ref_losses))
         param_diff = max(float(np.max(np.abs(params[f"arr_{i}"] - p))) for i, p in enumerate(ref_params))

@@ -1,0 +1,46 @@
+"""The bench/ scripts run end to end at their smoke size, so that they do not rot. Timings are printed, never
+asserted. The four scripts start at once (each is mostly imports and compiles) and must leave BENCHMARKS.md alone
+with --no-append."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = ("unet", "sample", "vae", "train_step")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    procs = {name: subprocess.Popen([sys.executable, f"bench/{name}.py", "--size=smoke", "--no-append"], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in SCRIPTS}
+    try:
+        yield {name: (proc.communicate(timeout=600)[0], proc.returncode) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert (ROOT / "BENCHMARKS.md").read_text() == benchmarks, "--no-append changed BENCHMARKS.md"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bench_script_runs_at_smoke_size(runs, name):
+    out, code = runs[name]
+    assert code == 0, out[-4000:]
+    assert f"### {name}: " in out and "(smoke workload)" in out
+    # Every vdjax row of the table has a median time and a vdjax/reference ratio.
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ")]
+    ours = [row for row in rows if "vdjax" in row]
+    assert ours, out[-4000:]
+    for row in ours:
+        i = row.index("vdjax")
+        float(row[i + 1]), float(row[i + 3])
+    assert "- machine: " in out and "- versions: jax " in out and "appended to" not in out
