@@ -1,6 +1,7 @@
 """Shared test helpers: config loading, PyTorch reference randomisation, and error measures."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -110,3 +111,21 @@ def snapshot(tmp_path_factory):
     adapter.save_pretrained(root.parent / "adapter")
     reference = UNetMotionModel.from_unet2d(unet, adapter).eval()
     return root, root.parent / "adapter", reference
+
+
+MANIFESTS = ROOT / "tests" / "fixtures" / "manifests"
+
+
+@functools.lru_cache(None)
+def manifest(name: str) -> dict:
+    """A full-size key -> shape listing (tests/fixtures/manifests/NAME.json)."""
+    return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+def shapes_only(keys: dict, name: str):
+    """A state dict of shapes alone: key maps are planned against it, and reading a value fails the test."""
+    from vdjax.convert.readers import LazyStateDict
+
+    def load(key):
+        raise AssertionError(f"{name}: shape-only check read {key}")
+    return LazyStateDict(name, {k: tuple(v) for k, v in keys.items()}, load)

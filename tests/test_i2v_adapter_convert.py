@@ -14,7 +14,6 @@ Layouts (see vdjax/convert/i2v_adapter.py, vdjax/convert/ip_adapter.py):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import pathlib
@@ -27,7 +26,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from conftest import load_config, randomize_nnx, randomize_torch
+from conftest import load_config, randomize_nnx, randomize_torch, manifest, shapes_only
 from vdjax.convert import animatediff, converted, diffusers, formats, hf_clip, i2v_adapter, ip_adapter, readers, sources
 from vdjax.convert.keymap import KeyMapError, to_flax_layout
 from vdjax.convert.readers import CheckpointError, LazyStateDict
@@ -43,15 +42,6 @@ RESAMPLER_PARAMS = 29_918_208       # IP-Adapter-Plus SD 1.5 image_proj
 IMAGE_PROJ_MODEL_PARAMS = 3_150_336  # plain IP-Adapter SD 1.5 image_proj (1024 -> 4 x 768, LayerNorm)
 
 
-@functools.lru_cache(None)
-def manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
-
-
-def shapes_only(keys: dict, name: str) -> LazyStateDict:
-    def load(key):
-        raise AssertionError(f"{name}: shape-only check read {key}")
-    return LazyStateDict(name, {k: tuple(v) for k, v in keys.items()}, load)
 
 
 def config(variant: str, adapter: str = "plus"):

@@ -4,7 +4,6 @@ abstract vdjax models."""
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 import re
 import types
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import manifest, shapes_only
 from vdjax.convert import ldm
 from vdjax.convert.keymap import KeyMapError, plan, to_flax_layout
-from vdjax.convert.readers import LazyStateDict
 from vdjax.layers.primitives import InitKeys
 from vdjax.models import clip, openclip, unet3d, vae
 
@@ -24,15 +23,6 @@ MANIFESTS = pathlib.Path(__file__).parent / "fixtures/manifests"
 FORMAT = {"sd15_ldm": "ldm_sd1", "sd21v_ldm": "ldm_sd2", "sd21base_ldm": "ldm_sd2"}
 
 
-@functools.lru_cache(None)
-def manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
-
-
-def shapes_only(keys: dict, name: str) -> LazyStateDict:
-    def load(key):
-        raise AssertionError(f"{name}: shape-only check read {key}")
-    return LazyStateDict(name, {k: tuple(v) for k, v in keys.items()}, load)
 
 
 def sd21_unet_config():

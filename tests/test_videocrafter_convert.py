@@ -5,7 +5,6 @@ exactly its parameters; files of the wrong family, release or size are refused w
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 import re
@@ -16,10 +15,10 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from conftest import load_config, randomize_nnx
+from conftest import load_config, randomize_nnx, manifest, shapes_only
 from vdjax.convert import converted, formats, readers, sources, videocrafter
 from vdjax.convert.keymap import KeyMapError, plan
-from vdjax.convert.readers import CheckpointError, LazyStateDict
+from vdjax.convert.readers import CheckpointError
 
 MANIFESTS = pathlib.Path(__file__).parent / "fixtures/manifests"
 RELEASED = {"t2v_1024_v1": "inference_t2v_1024_v1.0", "t2v_512_v1": "inference_t2v_512_v1.0",
@@ -39,15 +38,6 @@ UNUSED_I2V = {f"embedder.model.{k}" for k in ("token_embedding.weight", "positio
                                               "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj")}
 
 
-@functools.lru_cache(None)
-def manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
-
-
-def shapes_only(keys: dict, name: str) -> LazyStateDict:
-    def load(key):
-        raise AssertionError(f"{name}: shape-only check read {key}")
-    return LazyStateDict(name, {k: tuple(v) for k, v in keys.items()}, load)
 
 
 @functools.lru_cache(None)
