@@ -20,6 +20,7 @@ import pathlib
 import re
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -471,3 +472,80 @@ def test_wrong_kind_or_missing_pieces_say_what_to_do(tiny, tmp_path):
     torch.save(companion, tmp_path / "v2.pth")
     with pytest.raises(ValueError, match="24-long table is AnimateDiff v1"):
         sources.load_models(cfg, model=files["model"], motion_module=str(tmp_path / "v2.pth"), parts=["unet"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IP-Adapter on its own, as diffusers loads it.
+
+@pytest.mark.parametrize("adapter", ["plus", "plain"])
+def test_ip_adapter_matches_diffusers_loading_the_same_file(tiny, adapter, tmp_path):
+    """An SD 1.5 UNet (no motion module, no first-frame attention) + ip-adapter(-plus)_sd15.bin: vdjax's UNet and
+    image projection vs diffusers' UNet2DConditionModel after `_load_ip_adapter_weights` of the same file (its
+    IPAdapterAttnProcessor2_0 and IPAdapter(Plus)ImageProjection), on the same text and image features."""
+    from diffusers import UNet2DConditionModel
+
+    files, _ = tiny
+    name = "ip-adapter-plus_sd15" if adapter == "plus" else "ip-adapter_sd15"
+    cfg = config("tiny", adapter)
+    cfg.unet.motion.kind, cfg.unet.first_frame_attention = "none", False
+    state = torch.load(files[name][0], weights_only=True)
+    if adapter == "plus":  # diffusers' conversion assumes 64-wide heads and depth 4 (SD 1.5's): give it those
+        cfg.image_proj.update(dim_head=64, heads=2, depth=4)
+        proj = sources.abstract_part("image_proj", cfg)
+        randomize_nnx(proj, seed=6)
+        state["image_proj"] = {resampler.image_proj_key(p, prefix=""): _t(_torch_layout(p, v))
+                               for p, v in _params(proj).items()}
+        torch.save(state, tmp_path / f"{name}.bin")
+        files = {**files, name: (str(tmp_path / f"{name}.bin"),)}
+    models = sources.load_models(cfg, model=files["model"], ip_adapter=files[name][0], parts=["unet", "image_proj"])
+    reference = UNet2DConditionModel.from_pretrained(pathlib.Path(files["model"]) / "unet").eval()
+    reference._load_ip_adapter_weights([state])
+
+    rng = np.random.default_rng(0)
+    u, v = cfg.unet, cfg.image_encoder
+    x = rng.standard_normal((2, 1, 16, 16, u.in_channels)).astype(np.float32)
+    t = np.array([981, 250])
+    text = rng.standard_normal((2, u.text_context_tokens, u.cross_attention_dim)).astype(np.float32)
+    features = (rng.standard_normal((2, (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size)) if adapter == "plus"
+                else rng.standard_normal((2, v.projection_dim))).astype(np.float32)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x[:, 0].transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(text),
+                        added_cond_kwargs={"image_embeds": [torch.from_numpy(features[:, None])]}).sample.numpy()
+    tokens = models["image_proj"](jnp.asarray(features))
+    assert tokens.shape == (2, u.image_context_tokens, u.cross_attention_dim)
+    ours = models["unet"](jnp.asarray(x), jnp.asarray(t), jnp.concatenate([jnp.asarray(text), tokens], axis=1))
+    err = float(np.max(np.abs(np.asarray(ours)[:, 0].transpose(0, 3, 1, 2) - ref)))
+    print(f"IP-Adapter ({adapter}) vs diffusers: max abs error {err:.2e} (output std {ref.std():.3f})")
+    assert err <= 1e-4 * max(1.0, float(ref.std()))
+    blank = models["unet"](jnp.asarray(x), jnp.asarray(t), jnp.concatenate([jnp.asarray(text), 0 * tokens], axis=1))
+    assert np.max(np.abs(np.asarray(blank)[:, 0].transpose(0, 3, 1, 2) - ref)) > 1e-2  # the image tokens count
+
+
+def test_sample_script_from_the_released_files_with_a_lora(tiny, tmp_path):
+    """End to end: launch/sample.py --config=configs/i2v_adapter_sd15.py with a base snapshot, the companion motion
+    file, i2v_module.pth, ip-adapter-plus_sd15.safetensors, the image encoder folder and a LoRA; an image of another
+    aspect ratio (RGBA) is cropped with a log line and animated into a video file."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    files, expected = tiny
+    path = ("down_blocks", 0, "attentions", 0, "transformer_blocks", 0, "attn1")
+    width = expected["want"][(*path, "to_q", "kernel")].shape[0]
+    module = "unet." + ".".join(map(str, path)) + ".to_q"
+    rng = np.random.default_rng(0)
+    save_file({f"{module}.lora_A.weight": rng.standard_normal((2, width), dtype=np.float32),
+               f"{module}.lora_B.weight": rng.standard_normal((width, 2), dtype=np.float32)},
+              str(tmp_path / "lora.safetensors"))
+    frame = tmp_path / "frame.png"
+    Image.fromarray(rng.integers(0, 256, (40, 60, 4), dtype=np.uint8)).save(frame)
+    cmd = [sys.executable, "launch/sample.py", "--config=configs/i2v_adapter_sd15.py:variant=tiny",
+           f"--model={files['model']}", f"--motion_module={files['companion']}", f"--i2v_module={files['i2v_module']}",
+           f"--ip_adapter={files['ip-adapter-plus_sd15'][1]}", f"--image_encoder={files['image_encoder']}",
+           f"--lora={tmp_path / 'lora.safetensors'}:0.5", f"--image={frame}", "--prompt=a cat", "--steps=2",
+           "--height=32", "--width=32", f"--output={tmp_path / 'out.gif'}"]
+    run = subprocess.run(cmd, cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "i2v_module=" in run.stdout and "image 60x40 cropped to 40x40" in run.stderr
+    assert (tmp_path / "out.gif").stat().st_size > 0

@@ -1,9 +1,12 @@
 """Conditioning images in: read a file, and fit an image to the model's frame size."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -42,6 +45,10 @@ def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     crop_h, crop_w = min(h, round(w * height / width)), min(w, round(h * width / height))
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
     crop = Image.fromarray(image[top:top + crop_h, left:left + crop_w])
+    if (crop_h, crop_w) != (h, w):
+        log.warning("image %dx%d cropped to %dx%d (centre) for the frame's aspect ratio %dx%d", w, h, crop_w, crop_h,
+                    width, height)
     if crop.size != (width, height):
+        log.info("image resized from %dx%d to the frame size %dx%d (bicubic)", crop.size[0], crop.size[1], width, height)
         crop = crop.resize((width, height), Image.BICUBIC)
     return np.asarray(crop, np.float32) / 127.5 - 1.0
