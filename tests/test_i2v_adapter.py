@@ -68,7 +68,7 @@ def pipe():
 def test_the_sampler_never_changes_the_clean_first_frame(pipe):
     image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     shape = (1, 4, 4, 4, 4)
-    x_T, context, uncond, start = pipe.prepare(jax.random.key(0), shape, ["a cat"], [""], None, steps=4,
+    x_T, context, uncond, start, _ = pipe.prepare(jax.random.key(0), shape, ["a cat"], [""], None, steps=4,
                                                image=image)
     assert context.shape == (1, 77 + 16, 32) and uncond.shape == context.shape and start == 0
     z = pipe.sample_latents(x_T, context, uncond, steps=4, guidance_scale=7.5, eta=0.0, key=jax.random.key(1))

@@ -88,7 +88,7 @@ class I2VAdapterPipeline(T2VPipeline):
         x_T = frame_prior.initial_latents(k_prior, first, frames, self.schedule, int(ts[prior.start_step]),
                                           enabled=prior.enabled, keep_prob=prior.keep_prob,
                                           kernel=prior.blur_kernel, sigma=prior.blur_sigma)
-        return x_T, context, uncond, int(prior.start_step) if prior.enabled else 0
+        return x_T, context, uncond, int(prior.start_step) if prior.enabled else 0, {}
 
     def postprocess(self, frames: np.ndarray) -> np.ndarray:
         if not self.config.sample.get("color_match", False):

@@ -165,7 +165,17 @@ class T2VPipeline:
         # diffusers' DDIMScheduler steps from t to t - num_train_timesteps // steps (not always the next one)
         return schedules.previous_timesteps(ts, step_ratio=self.config.schedule.num_train_timesteps // steps)
 
-    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, fps, *, steps, guided,
+    def denoiser(self, unet, fps=None, extras=None) -> Callable:
+        """`(x, t, context) -> model output` for the sampler: the UNet with the fps and the pipeline's extra
+        inputs (`extras`, e.g. MagDiff's subject latents: (B, ...) arrays, tiled to the guidance's doubled batch)."""
+        extras = extras or {}
+
+        def denoise(x, t, c):
+            tiled = {k: jnp.concatenate([v] * (x.shape[0] // v.shape[0])) for k, v in extras.items()}
+            return unet(x, t, c, fps=fps, **tiled)
+        return denoise
+
+    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, fps, extras, *, steps, guided,
                    progress, start=0):
         unet = nnx.merge(self._unet_graph, unet_state)
         ts = self.timesteps(steps)
@@ -173,7 +183,7 @@ class T2VPipeline:
         ts = ts[start:]  # start > 0: from a partly noised x_T (I2V-Adapter's frame prior at a later t0)
         fps = fps if self.config.unet.fps_conditioning else None
         clip = self.config.schedule.get("clip_sample", False)
-        return ddim_loop(lambda x, t, c: unet(x, t, c, fps=fps), x_T, ts, self.schedule, prev_timesteps=prev,
+        return ddim_loop(self.denoiser(unet, fps, extras), x_T, ts, self.schedule, prev_timesteps=prev,
                          clip_sample=1.0 if clip is True else (clip or None),
                          fixed_first_frame=self.config.unet.first_frame_attention,
                          context=context, uncond_context=uncond if guided else None, guidance_scale=guidance_scale,
@@ -181,11 +191,11 @@ class T2VPipeline:
                          set_alpha_to_one=self.config.schedule.set_alpha_to_one, progress=progress)
 
     def sample_latents(self, x_T, context, uncond, *, steps: int, guidance_scale: float, eta: float, key,
-                       progress: Callable | None = None, start: int = 0) -> jax.Array:
+                       progress: Callable | None = None, start: int = 0, extras: dict | None = None) -> jax.Array:
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at scale <= 1
         fps = jnp.int32(self.config.sample.fps)  # the UNet's fps conditioning, if any (one for the whole batch)
         return self._sample(self._unet_state, x_T, context, uncond, jnp.float32(guidance_scale), jnp.float32(eta),
-                            key, fps, steps=steps, guided=guided, progress=progress, start=start)
+                            key, fps, extras or {}, steps=steps, guided=guided, progress=progress, start=start)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         return self._decode(self.vae, latents / self.config.vae.scaling_factor, int(self.config.sample.vae_chunk_size))
@@ -221,20 +231,21 @@ class T2VPipeline:
         noise_key, loop_key = jax.random.split(key)
         f = self.vae.downsampling_factor
         shape = (len(prompts), num_frames, height // f, width // f, self.config.unet.in_channels)
-        x_T, context, uncond, start = self.prepare(noise_key, shape, prompts, negative, latents, steps=steps,
-                                                   **conditions)
+        x_T, context, uncond, start, extras = self.prepare(noise_key, shape, prompts, negative, latents,
+                                                           steps=steps, **conditions)
         z = self.sample_latents(x_T, context, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta,
-                                key=loop_key, progress=progress, start=start)
+                                key=loop_key, progress=progress, start=start, extras=extras)
         return T2VOutput(self.postprocess(to_uint8(np.asarray(self.decode(z)))), np.asarray(z))
 
     def prepare(self, key, shape, prompts, negative, latents, *, steps: int, **conditions):
-        """(x_T, context, unconditional context, first step): the sampler's start and its conditioning."""
+        """(x_T, context, unconditional context, first step, extras): the sampler's start and its conditioning
+        (`extras`: further UNet inputs, see `denoiser`)."""
         x_T = jax.random.normal(key, shape, jnp.float32) if latents is None else jnp.asarray(latents, jnp.float32)
         if x_T.shape != shape:
             raise ValueError(f"latents must have shape {shape}; got {x_T.shape}")
         context, uncond = self.conditioning(prompts, negative, height=shape[2] * self.vae.downsampling_factor,
                                             width=shape[3] * self.vae.downsampling_factor, **conditions)
-        return x_T, context, uncond, 0
+        return x_T, context, uncond, 0, {}
 
     def postprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (B, F, H, W, 3) decoded frames -> what the pipeline returns (here: unchanged)."""
