@@ -66,11 +66,14 @@ class WeightFlags:
 
 
 def pipeline_class(config):
-    """The pipeline a config samples with: I2V-Adapter, VideoCrafter I2V, or text-to-video."""
+    """The pipeline a config samples with: MagDiff, I2V-Adapter, VideoCrafter I2V, or text-to-video."""
     from vdjax.pipelines.i2v import I2VPipeline
     from vdjax.pipelines.i2v_adapter import I2VAdapterPipeline
+    from vdjax.pipelines.magdiff import MagDiffPipeline
     from vdjax.pipelines.t2v import T2VPipeline
 
+    if config.get("family") == "magdiff":
+        return MagDiffPipeline
     if config.unet.get("first_frame_attention"):
         return I2VAdapterPipeline
     return I2VPipeline if "image_encoder" in config else T2VPipeline

@@ -22,6 +22,7 @@ from vdjax.layers.primitives import GroupNorm, InitKeys, conv2d
 from vdjax.layers.resnet import Downsample, ResnetBlock, Upsample
 from vdjax.layers.spatial_transformer import SpatialTransformer
 from vdjax.layers.temporal import TemporalConvBlock, TemporalTransformer
+from vdjax.models.subject import SubjectFusion
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -80,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         init_attention_heads=8,
         init_attention_head_dim=64,
         temporal_conv=False,  # VideoCrafter: a 4-layer (3, 1, 1) temporal conv after every resnet
+        # MagDiff's High-Fidelity Alignment: `channels` > 0 widens conv_in by that many zero-initialised input
+        # channels for the subject latent (one per `scales` level, fused; see vdjax.models.subject).
+        subject=dict(channels=0, scales=(1.0,)),
         dtype="float32",  # compute dtype; parameters are always float32
         attention_impl="xla",  # see vdjax.layers.attention.IMPLEMENTATIONS
     ))
@@ -229,7 +233,13 @@ class UNet3D(nnx.Module):
         chans = tuple(cfg.block_out_channels)
         temb = chans[0] * 4
         levels = len(chans)
-        self.conv_in = conv2d(cfg.in_channels, chans[0], 3, dtype=dtype, rngs=rngs)
+        subject = cfg.subject.channels
+        self.conv_in = conv2d(cfg.in_channels + subject, chans[0], 3, dtype=dtype, rngs=rngs)
+        if subject:  # the subject's input channels start at zero: the model starts as its base
+            kernel = self.conv_in.kernel.get_value()
+            self.conv_in.kernel.set_value(kernel.at[:, :, cfg.in_channels:].set(0))
+        self.subject_fusion = (SubjectFusion(subject, len(cfg.subject.scales), dtype=dtype, rngs=rngs)
+                               if subject and len(cfg.subject.scales) > 1 else None)
         self.time_embedding = TimestepEmbedding(chans[0], temb, dtype=dtype, rngs=rngs)
         self.fps_embedding = (TimestepEmbedding(chans[0], temb, dtype=dtype, rngs=rngs)
                               if cfg.fps_conditioning else None)
@@ -282,13 +292,32 @@ class UNet3D(nnx.Module):
             raise ValueError(f"this UNet's IP-Adapter attention takes text tokens followed by "
                              f"{cfg.image_context_tokens} image tokens as context; got {context_shape[1]} tokens")
 
+    def subject_latent(self, subject) -> jax.Array:
+        """The subject's pyramid latents ((B, h_s, w_s, C) per scale) -> the (B, h, w, C) latent conv_in sees."""
+        levels = len(self.config.subject.scales)
+        if not isinstance(subject, (tuple, list)) or len(subject) != levels:
+            raise ValueError(f"subject must be {levels} latent(s), one per pyramid scale {tuple(self.config.subject.scales)}"
+                             " (vdjax.models.subject.encode_pyramid)")
+        return subject[0] if self.subject_fusion is None else self.subject_fusion(subject)
+
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-                 fps: jax.Array | None = None) -> jax.Array:
+                 fps: jax.Array | None = None, subject=None) -> jax.Array:
         """sample (B, F, H, W, C_in), timesteps (B,) or scalar, context (B, S, D), fps (B,) or scalar (models with
-        fps conditioning) -> (B, F, H, W, C_out) float32."""
+        fps conditioning), subject (MagDiff: the subject image's pyramid latents, see `subject_latent`)
+        -> (B, F, H, W, C_out) float32."""
         self.check_inputs(sample.shape, context.shape)
         b, frames, hgt, wid, _ = sample.shape
         cfg = self.config
+        if cfg.subject.channels:
+            if subject is None:
+                raise ValueError("this UNet is conditioned on a subject image (MagDiff HFA): pass subject= (its "
+                                 "pyramid latents, vdjax.models.subject.encode_pyramid)")
+            z = self.subject_latent(subject)
+            if z.shape != (b, hgt, wid, cfg.subject.channels):
+                raise ValueError(f"subject latent {z.shape} does not match the sample's (batch, h, w) = {(b, hgt, wid)}")
+            sample = jnp.concatenate([sample, jnp.broadcast_to(z[:, None], (b, frames, *z.shape[1:]))], axis=-1)
+        elif subject is not None:
+            raise ValueError("this UNet has no subject input (unet.subject.channels = 0)")
         sinusoid = lambda t: timestep_sinusoid(jnp.broadcast_to(jnp.asarray(t), (b,)), cfg.block_out_channels[0],
                                                flip_sin_to_cos=cfg.flip_sin_to_cos,
                                                freq_shift=cfg.freq_shift).astype(self.dtype)

@@ -171,7 +171,7 @@ class T2VPipeline:
         extras = extras or {}
 
         def denoise(x, t, c):
-            tiled = {k: jnp.concatenate([v] * (x.shape[0] // v.shape[0])) for k, v in extras.items()}
+            tiled = jax.tree.map(lambda v: jnp.concatenate([v] * (x.shape[0] // v.shape[0])), extras)
             return unet(x, t, c, fps=fps, **tiled)
         return denoise
 
