@@ -46,10 +46,11 @@ def make_batches(config, tokenize):
     vdjax.data.tfds_builders (config.data.tfds_dir, the folder its CLI printed). The last two go through the grain
     pipeline. All resumable."""
     d, t = config.data, config.train
+    with_mask = bool(config.unet.get("subject", {}).get("channels", 0))  # MagDiff: the subject masks too
     if d.source == "moving_shapes":
         source = MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=t.seed)
         return BatchStream(source, global_batch=t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
-                           tokenize=tokenize)
+                           tokenize=tokenize, with_mask=with_mask)
     if d.source in ("video_folder", "tfds"):
         if t.batch_size % jax.process_count():
             raise ValueError(f"train.batch_size {t.batch_size} does not split over {jax.process_count()} hosts")
@@ -61,7 +62,7 @@ def make_batches(config, tokenize):
         dataset = make_dataset(source, batch_size=t.batch_size // jax.process_count(), num_frames=d.num_frames,
                                size=d.size, seed=t.seed, frame_stride=d.frame_stride,
                                caption_dropout=t.caption_dropout)
-        return TokenizedBatches(iter(dataset), tokenize)
+        return TokenizedBatches(iter(dataset), tokenize, with_mask=with_mask)
     raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes', 'video_folder' or 'tfds'")
 
 
@@ -72,7 +73,10 @@ def make_sampler(pipe: T2VPipeline, trainer: Trainer, config):
         s = config.sample  # this run's settings (a converted model folder carries its own config)
         image = {}
         if "image_encoder" in config:  # image-to-video: the first frame of the first training clip
-            image["image"] = make_clip(0, num_frames=1, size=max(s.height, s.width))["first_frame"]
+            clip = make_clip(0, num_frames=1, size=max(s.height, s.width))
+            image["image"] = clip["first_frame"]
+            if config.family == "magdiff":  # and its subject mask
+                image["mask"] = clip["mask"][0]
         return pipe([config.train.sample_prompt], num_frames=s.num_frames, height=s.height, width=s.width,
                     steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, seed=config.train.seed,
                     **image).frames

@@ -1,7 +1,9 @@
 """The train step: one pure function, jitted once with the state donated and every input placed on the mesh.
 
 Noise-prediction loss on VAE latents of the batch's videos (frozen VAE and text encoder inside the step), epsilon
-or v target per the family's schedule; gradients only for the trainable parameters; AdamW; EMA.
+or v target per the family's schedule; gradients only for the trainable parameters; AdamW; EMA. Image-conditioned
+families embed the clip's first frame (MagDiff: its subject, the first frame outside batch['mask'] black, also as
+the HFA pyramid latents).
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vdjax import flops, parallel
+from vdjax.models.subject import encode_pyramid
 from vdjax.models.vae import Posterior
+from vdjax.pipelines.magdiff import subject_pixels
 from vdjax.train.state import TrainState, init_state, lr_schedule, make_optimizer, split_trainable
 
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
@@ -135,8 +139,18 @@ class Trainer:
         z = Posterior(moments).sample(k_z) * cfg.vae.scaling_factor
         z = jax.lax.stop_gradient(z.reshape(b, f, *z.shape[1:]))
         context = encode_text(nnx.merge(self.text_graph, text_state), batch["input_ids"])  # CLIP or OpenCLIP
+        extras = {}
+        if cfg.unet.subject.channels:  # MagDiff: the first frame's subject (SDA) as tokens (APA) and latents (HFA)
+            if "mask" not in batch:
+                raise ValueError("MagDiff trains on subject masks: the batch needs 'mask' (B, H, W) — moving_shapes "
+                                 "and video_folder give them (launch/train.py asks for them)")
+            first = subject_pixels(video[:, 0], batch["mask"])
+            extras["subject"] = jax.lax.stop_gradient(
+                encode_pyramid(vae, first, tuple(cfg.unet.subject.scales), cfg.vae.scaling_factor))
+        else:
+            first = video[:, 0]
         if image_state is not None:
-            context = jnp.concatenate([context, self._image_tokens(image_state, video[:, 0])], axis=1)
+            context = jnp.concatenate([context, self._image_tokens(image_state, first)], axis=1)
         context = jax.lax.stop_gradient(context)
         t = jax.random.randint(k_t, (b,), 0, len(self.alphas_cumprod))
         noise = jax.random.normal(k_noise, z.shape, jnp.float32)
@@ -155,7 +169,7 @@ class Trainer:
 
         def loss_fn(trainable):
             unet = nnx.merge(self.graphdef, trainable, frozen)
-            pred = unet(noisy, t, context, fps=fps)
+            pred = unet(noisy, t, context, fps=fps, **extras)
             if first_clean:
                 pred, target_ = pred[:, 1:], target[:, 1:]
             else:
