@@ -222,3 +222,55 @@ def test_a_tiny_magdiff_learns_on_moving_shapes():
     print(f"tiny MagDiff on moving_shapes: loss {first:.3f} (first 30 steps) -> {last:.3f} (last 30), "
           f"{first / last:.1f}x")
     assert first / last >= 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting from VideoCrafter I2V's released model.ckpt.
+
+def test_starts_from_a_videocrafter_i2v_checkpoint(tmp_path):
+    """A tiny VideoCrafter I2V model.ckpt in the released layout -> MagDiff: every base parameter as in the file,
+    conv_in widened with zeros, APA at (1.0, 1.5), the fusion at the identity. With alpha2 set to the base's image
+    scale and the subject channels at zero, the MagDiff UNet is the VideoCrafter I2V UNet."""
+    import torch
+
+    from test_videocrafter_convert import config as vc_config, released_state_dict, tiny_models
+    from vdjax.convert import sources
+
+    models = tiny_models("tiny_i2v_512_v1")
+    state = released_state_dict(models, vc_config("tiny_i2v_512_v1"))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}}, ckpt)
+    cfg = load_config(SPEC.format("tiny"))
+    loaded = sources.load_models(cfg, model=str(ckpt))
+    assert set(loaded) >= {"unet", "vae", "text_encoder", "image_encoder", "image_proj"}
+    got, base = _params(loaded["unet"]), _params(models["unet"])
+    for path, value in got.items():
+        if path == ("conv_in", "kernel"):
+            np.testing.assert_array_equal(value[:, :, :4], base[path])
+            assert not np.asarray(value[:, :, 4:]).any()
+        elif path[-1] == "text_cross_attention_scale":
+            assert float(value[0]) == 1.0
+        elif path[-1] == "image_cross_attention_scale":
+            assert float(value[0]) == 1.5
+        elif path[0] == "subject_fusion":
+            continue
+        else:
+            np.testing.assert_array_equal(value, base[path])
+    for part in ("vae", "text_encoder", "image_encoder", "image_proj"):
+        a, b = _params(loaded[part]), _params(models[part])
+        assert all(np.array_equal(a[p], b[p]) for p in b)
+
+    unet = loaded["unet"]
+    image_scale = float(vc_config("tiny_i2v_512_v1").unet.image_attention_scale)
+    for path, var in nnx.to_flat_state(nnx.state(unet, nnx.Param)):
+        if path[-1] == "image_cross_attention_scale":
+            var.set_value(jnp.full(var.shape, image_scale))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 2, 4, 6, 4)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((1, 77 + 4, 32)), jnp.float32)
+    pyramid = tuple(jnp.asarray(rng.standard_normal((1, *s, 4)), jnp.float32) for s in [(4, 6), (2, 3), (1, 2)])
+    ours = unet(x, jnp.array([500]), context, fps=jnp.int32(8), subject=pyramid)
+    want = models["unet"](x, jnp.array([500]), context, fps=jnp.int32(8))
+    err = float(jnp.max(jnp.abs(ours - want)))
+    print(f"MagDiff from VideoCrafter I2V (alpha2 = its image scale, zero subject channels): max abs error {err:.1e}")
+    assert err <= 1e-5

@@ -283,7 +283,17 @@ def load_models(config, *, parts: Sequence[str] | None = None, shardings_for=Non
     I2V-Adapter: `model=` SD 1.5 (file or snapshot; community fine-tunes too), `motion_module=` its
     animatediff_v15_v1_ipplus.pth (or an AnimateDiff v1 mm_sd_v15.ckpt), `i2v_module=` i2v_module.pth, `ip_adapter=`
     ip-adapter-plus_sd15 (.bin / .safetensors: image_proj, and to_k_ip/to_v_ip unless the motion file has them),
-    `image_encoder=` IP-Adapter's models/image_encoder folder (transformers CLIPVisionModelWithProjection)."""
+    `image_encoder=` IP-Adapter's models/image_encoder folder (transformers CLIPVisionModelWithProjection).
+
+    MagDiff: `model=` VideoCrafter I2V 512's model.ckpt, the starting point (see vdjax.convert.magdiff)."""
+    if config.get("family") == "magdiff":  # VideoCrafter I2V's files, then MagDiff's new parameters at their init
+        from vdjax.convert import magdiff
+
+        models = load_models(magdiff.base_config(config), parts=parts, dtype=dtype, loras=loras, progress=progress,
+                             **files)
+        if "unet" in models:
+            models["unet"] = magdiff.from_base_unet(config, models["unet"])
+        return models
     sources = resolve_sources(**files)
     for extra, what in (("motion", "a motion module"), ("i2v_module", "an I2V-Adapter module")):
         if extra in sources and "unet" not in sources:
