@@ -153,7 +153,15 @@ def _trainer(pipe):
                    image_proj=pipe.image_proj)
 
 
-def test_training_steps_on_moving_shapes_and_video_folder_masks(tmp_path):
+@pytest.fixture(scope="module")
+def pipe():
+    p = _tiny_pipe()
+    randomize_nnx(p.unet, seed=4)  # the subject channels and fusion too, so that the subject shows
+    p.set_unet(p.unet)
+    return p
+
+
+def test_training_steps_on_moving_shapes_and_video_folder_masks(pipe, tmp_path):
     """launch/train.py's batches carry the first frame's subject mask for MagDiff (moving_shapes and a video_folder
     with a mask column); the step trains the configured parts only, and the mask decides the subject."""
     import json
@@ -165,7 +173,6 @@ def test_training_steps_on_moving_shapes_and_video_folder_masks(tmp_path):
     sys.path.insert(0, str(__import__("conftest").ROOT / "launch"))
     from train import make_batches
 
-    pipe = _tiny_pipe()
     cfg = pipe.config
     trainer = _trainer(pipe)
     stream = make_batches(cfg, pipe.tokenize)
@@ -274,3 +281,36 @@ def test_starts_from_a_videocrafter_i2v_checkpoint(tmp_path):
     err = float(jnp.max(jnp.abs(ours - want)))
     print(f"MagDiff from VideoCrafter I2V (alpha2 = its image scale, zero subject channels): max abs error {err:.1e}")
     assert err <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation.
+
+def test_generation_is_conditioned_on_the_subject(pipe, caplog):
+    """Same seed: the same video; another mask (another subject) or another image: another video. The subject
+    image is black outside the mask; without a mask the whole image is the subject (with a log line)."""
+    import logging
+
+    from vdjax.data.moving_shapes import make_clip
+
+    clip = make_clip(3, num_frames=1, size=48, seed=0)
+    image, mask = clip["first_frame"], clip["mask"][0]
+    run = lambda **kw: pipe(["a red circle moving right"], steps=3, guidance_scale=3.0, seed=0, **kw).latents
+    a, again = run(image=image, mask=mask), run(image=image, mask=mask)
+    np.testing.assert_array_equal(a, again)
+    assert a.shape == (1, 4, 4, 4, 4)
+    inverse = run(image=image, mask=(1 - mask).astype(np.uint8))
+    assert np.abs(a - inverse).max() > 1e-3
+    subject = pipe.subject_images(image, mask, 1, 32, 32)[0]
+    from vdjax.io.image import fit_image
+    from vdjax.io.mask import fit_mask
+
+    inside = fit_mask(mask, 32, 32)
+    np.testing.assert_array_equal(subject[inside], fit_image(image, 32, 32)[inside])
+    assert (subject[~inside] == -1).all()
+    with caplog.at_level(logging.WARNING, logger="vdjax.pipelines.magdiff"):
+        whole = pipe.subject_images(image, None, 1, 32, 32)[0]
+    assert "whole image is the subject" in caplog.text
+    np.testing.assert_array_equal(whole, fit_image(image, 32, 32))
+    with pytest.raises(ValueError, match="needs a subject image"):
+        run()
