@@ -17,7 +17,9 @@ SD 2.1-base UNet with LVDM temporal layers (--checkpoint of a converted VideoCra
 Training as the released code: zero-terminal-SNR DDPM with epsilon prediction, text dropped with probability 0.15,
 the temporal layers, spatial self-attention, APA and conv_in (+ the fusion conv) trainable. Sampling uses the same
 schedule with DDIM (leading spacing, so the first step is not the zero-SNR step that epsilon cannot take); guidance
-applies to the text only (the subject tokens and latent are in both halves, as upstream).
+applies to the text only (the subject tokens and latent are in both halves, as upstream). Editing inverts the
+source video over the last 0.8 of the schedule (sample.edit_strength; see vdjax/pipelines/edit.py) and blends the
+region outside the subject mask back onto the inversion (sample.edit_blend).
 """
 import ml_collections
 
@@ -68,7 +70,7 @@ def get_config(arg: str = "variant=sd21") -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict(dict(
         steps=50, guidance_scale=7.5, guidance_rescale=0.0, eta=0.0, negative_prompt="watermark", num_frames=16,
         height=320, width=512, fps=8, save_fps=8, clip_skip=0, vae_chunk_size=1, seed=42,
-        edit_blend=True, loop_short_video=False))
+        edit_blend=True, edit_strength=0.8, loop_short_video=False))
     config.train = ml_collections.ConfigDict(dict(
         trainable=TRAINABLE, learning_rate=1e-5, schedule="cosine", warmup_steps=100, num_steps=100_000,
         batch_size=8, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, weight_decay=1e-2, grad_accum_steps=1,

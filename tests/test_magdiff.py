@@ -314,3 +314,114 @@ def test_generation_is_conditioned_on_the_subject(pipe, caplog):
     np.testing.assert_array_equal(whole, fit_image(image, 32, 32))
     with pytest.raises(ValueError, match="needs a subject image"):
         run()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Editing: DDIM inversion of a source video, regeneration with the same model and sampler.
+
+@pytest.fixture(scope="module")
+def source():
+    from vdjax.data.moving_shapes import make_clip
+
+    clip = make_clip(5, num_frames=4, size=32, seed=0)
+    return clip["video"], clip["first_frame"], clip["mask"][0]
+
+
+@pytest.fixture()
+def gentle(pipe):
+    """The tiny UNet scaled to a smooth noise predictor (0.05 x its output, through conv_out): DDIM inversion is
+    exact only for models that change slowly with x, which a random UNet is not."""
+    kernel, bias = pipe.unet.conv_out.kernel.get_value(), pipe.unet.conv_out.bias.get_value()
+    pipe.unet.conv_out.kernel.set_value(0.05 * kernel)
+    pipe.unet.conv_out.bias.set_value(0.05 * bias)
+    pipe.set_unet(pipe.unet)
+    yield pipe
+    pipe.unet.conv_out.kernel.set_value(kernel)
+    pipe.unet.conv_out.bias.set_value(bias)
+    pipe.set_unet(pipe.unet)
+
+
+def test_editing_with_the_same_prompt_and_subject_reconstructs_the_source(gentle, source):
+    from vdjax.pipelines.edit import edit_video
+
+    video, image, mask = source
+    prompt = "a red circle moving right"
+    errors = {}
+    for steps in (10, 50):  # strength: the config's 0.8 of the schedule
+        out = edit_video(gentle, video, prompt, image=image, mask=mask, steps=steps, guidance_scale=1.0, eta=0.0)
+        errors[steps] = float(np.abs(out.latents - out.source_latents).max())
+    scale = float(np.abs(out.source_latents).max())
+    noisy = edit_video(gentle, video, prompt, image=image, mask=mask, steps=10, guidance_scale=1.0, eta=1.0)
+    eta_error = float(np.abs(noisy.latents - noisy.source_latents).max())
+    print(f"edit reconstruction (same prompt and subject, eta 0, strength 0.8): max abs latent error "
+          f"{errors[10]:.3f} (10 steps), {errors[50]:.3f} (50 steps), source latents max {scale:.2f}; "
+          f"eta 1: {eta_error:.2f}")
+    assert errors[50] <= 0.1 * scale and errors[50] <= errors[10]
+    assert eta_error > 5 * errors[10]  # the check can fail: stochastic sampling does not retrace the inversion
+    assert out.frames.shape == (1, 4, 32, 32, 3) and out.trajectory.shape == (40, 1, 4, 16, 16, 4)
+
+
+def test_blending_keeps_the_region_outside_the_mask_on_the_inversion_trajectory(pipe, source):
+    """Another prompt and guidance: outside the subject mask the latents equal the inversion's at every step (the
+    model's input at step i + 1 is checked through a callback) and the source latents at the end; inside they
+    change."""
+    from vdjax.diffusion.sampler import ddim_loop
+    from vdjax.pipelines.edit import edit_video, latent_mask
+
+    video, image, mask = source
+    out = edit_video(pipe, video, "a blue square flying up", source_prompt="a red circle moving right", image=image,
+                     mask=mask, blend_mask=mask, steps=6, guidance_scale=4.0, strength=1.0)
+    inside = np.broadcast_to(latent_mask(mask, 4, 32, 32, 2), out.latents.shape)
+    assert np.array_equal(out.latents[~inside], out.source_latents[~inside])
+    assert np.abs(out.latents[inside] - out.source_latents[inside]).max() > 0.1
+    # Every step: the sampler's state outside the mask is the trajectory's latent at that timestep.
+    seen = []
+    record = lambda x: seen.append(np.asarray(x))
+    unet = pipe.unet
+    x_T = jnp.asarray(out.trajectory[0])
+    targets = jnp.concatenate([jnp.asarray(out.trajectory[1:]), jnp.asarray(out.source_latents)[None]])
+    where = jnp.asarray(~latent_mask(mask, 4, 32, 32, 2))
+    context = jnp.zeros((1, 77 + 4, 32))
+    pyramid = tuple(jnp.zeros((1, 16 // 2 ** i, 16 // 2 ** i, 4)) for i in range(3))
+
+    def denoise(x, t, c):
+        jax.debug.callback(record, x)
+        return unet(x, t, c, fps=jnp.int32(8), subject=pyramid)
+    ts = pipe.timesteps(6)
+    jax.jit(lambda x: ddim_loop(denoise, x, ts, pipe.schedule, context=context, keep=(where, targets)))(x_T)
+    assert len(seen) == 6
+    for i in range(1, 6):
+        err = np.abs(np.where(np.asarray(where), seen[i] - np.asarray(targets[i - 1]), 0)).max()
+        assert err == 0.0, (i, err)
+
+
+def test_editing_bad_input(pipe, source, caplog, tmp_path):
+    import logging
+
+    from vdjax.io.mask import fit_mask, read_mask
+    from vdjax.pipelines.edit import edit_video, source_frames
+
+    video, image, mask = source
+    with pytest.raises(ValueError, match="has 4 frames and the model makes 6.*loop_short_video"):
+        source_frames(video, 6)
+    with caplog.at_level(logging.WARNING):
+        looped = source_frames(video, 6, loop=True)
+        first = source_frames(video, 3)
+    np.testing.assert_array_equal(looped[4:], video[:2])
+    np.testing.assert_array_equal(first, video[:3])
+    assert "looped to 6" in caplog.text and "first 3 are edited" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="vdjax.io.mask"):
+        big = fit_mask(np.kron(mask, np.ones((2, 3), np.uint8)), 32, 32)  # 64 x 96: cropped and resized
+    assert "mask 96x64 fitted to the frame size 32x32" in caplog.text and big.dtype == bool
+    soft = fit_mask(mask.astype(np.float32) * 0.6 + 0.1, 32, 32)  # non-binary: thresholded at 0.5
+    np.testing.assert_array_equal(soft, mask.astype(bool))
+    with pytest.raises(ValueError, match="the mask is empty: no subject"):
+        fit_mask(np.zeros((32, 32), np.uint8), 32, 32)
+    with pytest.raises(ValueError, match="the mask is empty"):
+        edit_video(pipe, video, "x", image=image, mask=np.zeros_like(mask), steps=2)
+    bad = tmp_path / "mask.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="not a readable mask"):
+        read_mask(str(bad))
+    with pytest.raises(ValueError, match="strength"):
+        edit_video(pipe, video, "x", image=image, mask=mask, steps=2, strength=0.0)

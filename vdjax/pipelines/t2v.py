@@ -175,8 +175,8 @@ class T2VPipeline:
             return unet(x, t, c, fps=fps, **tiled)
         return denoise
 
-    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, fps, extras, *, steps, guided,
-                   progress, start=0):
+    def _sample_fn(self, unet_state, x_T, context, uncond, guidance_scale, eta, key, fps, extras, keep, *, steps,
+                   guided, progress, start=0):
         unet = nnx.merge(self._unet_graph, unet_state)
         ts = self.timesteps(steps)
         prev = self.previous_timesteps(ts, steps)[start:]
@@ -188,14 +188,16 @@ class T2VPipeline:
                          fixed_first_frame=self.config.unet.first_frame_attention,
                          context=context, uncond_context=uncond if guided else None, guidance_scale=guidance_scale,
                          guidance_rescale=self.config.sample.guidance_rescale, eta=eta, key=key,
-                         set_alpha_to_one=self.config.schedule.set_alpha_to_one, progress=progress)
+                         set_alpha_to_one=self.config.schedule.set_alpha_to_one, progress=progress, keep=keep)
 
     def sample_latents(self, x_T, context, uncond, *, steps: int, guidance_scale: float, eta: float, key,
-                       progress: Callable | None = None, start: int = 0, extras: dict | None = None) -> jax.Array:
+                       progress: Callable | None = None, start: int = 0, extras: dict | None = None,
+                       keep: tuple | None = None) -> jax.Array:
+        """The jitted DDIM loop from x_T; `keep` as `ddim_loop`'s (editing's latent blending)."""
         guided = guidance_scale > 1.0  # as diffusers: no unconditional pass at scale <= 1
         fps = jnp.int32(self.config.sample.fps)  # the UNet's fps conditioning, if any (one for the whole batch)
         return self._sample(self._unet_state, x_T, context, uncond, jnp.float32(guidance_scale), jnp.float32(eta),
-                            key, fps, extras or {}, steps=steps, guided=guided, progress=progress, start=start)
+                            key, fps, extras or {}, keep, steps=steps, guided=guided, progress=progress, start=start)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         return self._decode(self.vae, latents / self.config.vae.scaling_factor, int(self.config.sample.vae_chunk_size))
