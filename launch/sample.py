@@ -8,9 +8,16 @@
         --prompt="a panda playing guitar" --output=panda.mp4
     python launch/sample.py --config=configs/videocrafter.py:variant=i2v_512_v1 --model=i2v_512_v1/model.ckpt \
         --image=cat.png --prompt="a cat walking"
+    python launch/sample.py --config=configs/magdiff.py --checkpoint=runs/magdiff/model --image=dog.png \
+        --mask=dog_mask.png --prompt="a dog running on the beach"
+    python launch/sample.py --config=configs/magdiff.py --checkpoint=runs/magdiff/model --video=dog.mp4 \
+        --mask=dog_mask.png --source_prompt="a dog running on grass" --prompt="a dog running on the beach"
 
 Image-to-video configs (those with an image encoder) need --image: it is fitted to the frame size (centred crop
-to the aspect ratio, then resize). VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...);
+to the aspect ratio, then resize). MagDiff takes the subject as --image and --mask (the image outside the mask is
+black; without --mask the whole image); with --video it edits that video instead (DDIM inversion, then the same
+sampler with the new prompt; the subject image defaults to the video's first frame, and the region outside --mask
+keeps the source unless --noedit_blend). VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...);
 --fps sets the frame rate of the written file.
 
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
@@ -29,6 +36,7 @@ from ml_collections import config_flags
 
 from launch_helpers import ProgressBar, WeightFlags, pipeline_class
 from vdjax.io.image import read_image
+from vdjax.io.mask import read_mask
 from vdjax.io.video import check_output, write_video
 from vdjax.pipelines.t2v import T2VPipeline
 
@@ -39,6 +47,14 @@ _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights (smoke tests; 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several videos.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
 _IMAGE = flags.DEFINE_string("image", None, "Image-to-video: the conditioning image (PNG/JPEG), for every prompt.")
+_MASK = flags.DEFINE_string("mask", None, "MagDiff: the subject's mask (PNG, white = subject), for --image or --video.")
+_VIDEO = flags.DEFINE_string("video", None, "Edit this video (mp4/gif/frames folder) instead of generating (MagDiff).")
+_SOURCE_PROMPT = flags.DEFINE_string("source_prompt", None, "Editing: the prompt describing --video (default: the "
+                                     "prompt).")
+_EDIT_BLEND = flags.DEFINE_bool("edit_blend", None, "Editing: keep the region outside --mask from the source "
+                                "(default: config.sample.edit_blend).")
+_STRENGTH = flags.DEFINE_float("strength", None, "Editing: the inverted fraction of the schedule (default: "
+                               "config.sample.edit_strength).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
 _FRAMES = flags.DEFINE_integer("num_frames", None, "Frames (default: the config's).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Height in pixels.")
@@ -89,18 +105,62 @@ def _pipeline(config) -> T2VPipeline:
     return kind.from_files(config, loras=_WEIGHTS.loras(), **given)
 
 
+def _read(flag, reader):
+    try:
+        return reader(flag.value)
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"--{flag.name}: {e}") from None
+
+
 def _conditions(config) -> dict:
+    magdiff = config.get("family") == "magdiff"
+    if (_MASK.value or _VIDEO.value) and not magdiff:
+        raise app.UsageError("--mask and --video are MagDiff's (subject masks, editing): use configs/magdiff.py")
     if "image_encoder" not in config:
         if _IMAGE.value:
             raise app.UsageError(f"--image: {config.family} {config.variant} is text-to-video; use an image-to-video "
                                  "config (e.g. configs/videocrafter.py:variant=i2v_512_v1)")
         return {}
-    if not _IMAGE.value:
-        raise app.UsageError(f"{config.family} {config.variant} is image-to-video: give --image=FILE")
-    try:
-        return {"image": read_image(_IMAGE.value)}
-    except (OSError, ValueError) as e:
-        raise app.UsageError(f"--image: {e}") from None
+    conditions = {}
+    if _VIDEO.value:  # editing: the source video, and the subject from its first frame unless --image is given
+        from vdjax.io.video import read_video
+
+        conditions["video"] = _read(_VIDEO, read_video)
+    if _IMAGE.value:
+        conditions["image"] = _read(_IMAGE, read_image)
+    elif "video" in conditions:
+        conditions["image"] = conditions["video"][0]
+    else:
+        raise app.UsageError(f"{config.family} {config.variant} is image-to-video: give --image=FILE" +
+                             (" (the subject) and --mask=FILE (its mask)" if magdiff else ""))
+    if magdiff:
+        conditions["mask"] = _read(_MASK, read_mask) if _MASK.value else None
+    if "video" in conditions and _edit_blend(config) and not _MASK.value:
+        raise app.UsageError("editing keeps the region outside the subject mask (--edit_blend): give --mask, or "
+                             "--noedit_blend to regenerate the whole video")
+    return conditions
+
+
+def _edit_blend(config) -> bool:
+    return config.sample.get("edit_blend", True) if _EDIT_BLEND.value is None else _EDIT_BLEND.value
+
+
+def _edit(pipe, config, prompts, conditions, kwargs, bar):
+    """MagDiff editing of --video: one output per prompt."""
+    from vdjax.pipelines.edit import edit_video
+
+    video, mask = conditions.pop("video"), conditions.get("mask")
+    blend = _edit_blend(config)
+    outs = []
+    for prompt in prompts:
+        try:
+            out = edit_video(pipe, video, prompt, source_prompt=_SOURCE_PROMPT.value, negative_prompt=_NEGATIVE.value,
+                             blend_mask=mask if blend else None, strength=_STRENGTH.value, seed=_SEED.value,
+                             progress=lambda i, n: bar("editing", i, n), **conditions, **kwargs)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+        outs.append((out.frames[0], out.latents[0]))
+    return outs
 
 
 def main(argv):
@@ -124,9 +184,16 @@ def main(argv):
           f"{jax.devices()[0].device_kind}; {len(prompts)} prompt(s), {kwargs['num_frames']} frames "
           f"{kwargs['height']}x{kwargs['width']}, {kwargs['steps']} steps, guidance {kwargs['guidance_scale']}")
     bar = ProgressBar()
-    out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value, progress=lambda i, n: bar("sampling", i, n),
-               **conditions, **kwargs)
-    for video, latents, path in zip(out.frames, out.latents, outputs):
+    if "video" in conditions:
+        results = _edit(pipe, config, prompts, conditions, kwargs, bar)
+    else:
+        try:
+            out = pipe(prompts, negative_prompt=_NEGATIVE.value, seed=_SEED.value,
+                       progress=lambda i, n: bar("sampling", i, n), **conditions, **kwargs)
+        except ValueError as e:  # e.g. an empty mask
+            raise app.UsageError(str(e)) from None
+        results = list(zip(out.frames, out.latents))
+    for (video, latents), path in zip(results, outputs):
         write_video(video, path, fps=_FPS.value or s.get("save_fps", s.fps))
         print(f"wrote {path}")
         if _SAVE_LATENTS.value:

@@ -425,3 +425,28 @@ def test_editing_bad_input(pipe, source, caplog, tmp_path):
         read_mask(str(bad))
     with pytest.raises(ValueError, match="strength"):
         edit_video(pipe, video, "x", image=image, mask=mask, steps=2, strength=0.0)
+
+
+def test_sample_script_edits_a_video_with_a_mask(source, tmp_path):
+    """launch/sample.py --config=configs/magdiff.py --video --mask (random tiny weights): a mask of another size is
+    fitted with a log line, the edit is written; a mask-less edit that should blend is refused before compute."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import ROOT
+    from vdjax.io.video import write_video
+
+    video, _, mask = source
+    write_video(video, str(tmp_path / "in.gif"))
+    Image.fromarray(np.kron(mask, np.ones((2, 2), np.uint8)) * 255).save(tmp_path / "mask.png")  # 64 x 64
+    cmd = [sys.executable, "launch/sample.py", "--config=configs/magdiff.py:variant=tiny", "--random_init",
+           f"--video={tmp_path / 'in.gif'}", "--prompt=a blue square", "--steps=3"]
+    ok = subprocess.run(cmd + [f"--mask={tmp_path / 'mask.png'}", f"--output={tmp_path / 'out.gif'}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "mask 64x64 fitted to the frame size 32x32" in ok.stderr and (tmp_path / "out.gif").stat().st_size > 0
+    refused = subprocess.run(cmd + [f"--output={tmp_path / 'no.gif'}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode != 0 and "give --mask" in refused.stderr
