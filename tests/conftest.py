@@ -16,11 +16,6 @@ TINY_SPEC = "configs/animatediff_sd15.py:variant=tiny_v2,norms=diffusers"
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes-long checks (training curves, several processes); run them "
-                                       "with VDJAX_SLOW=1 (the default suite stays within 15 minutes on 2 cores)")
-
-
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("VDJAX_SLOW") == "1":
         return

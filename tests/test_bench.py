@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ("unet", "sample", "vae", "train_step")
+pytestmark = pytest.mark.slow  # ~80 s of subprocesses; VDJAX_SLOW=1 runs it
 
 
 @pytest.fixture(scope="module")

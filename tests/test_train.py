@@ -183,6 +183,7 @@ def test_a_run_writes_metrics_summaries_and_samples(clean_run):
     assert video.shape == (4, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_parameters(clean_run, model_folder, tmp_path):
     """SIGKILL after the step-4 checkpoint, restart: the final parameters equal an uninterrupted run's."""
     import signal
@@ -203,6 +204,7 @@ def test_a_killed_run_resumes_to_the_same_parameters(clean_run, model_folder, tm
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(clean_run, model_folder, tmp_path):
     """Two processes on 127.0.0.1 (jax.distributed, one CPU device each, data axis 2) train 4 steps, each host
     feeding only its half of every global batch of 2: the parameters equal the one-process run's (which feeds both
