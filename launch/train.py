@@ -3,6 +3,7 @@
     python launch/train.py --config=configs/animatediff_sd15.py:variant=tiny_v2 --workdir=runs/tiny
     python launch/train.py --config=configs/animatediff_sd15.py:variant=v2 --workdir=gs://... \
         --checkpoint=models/sd15_mm_v2 --config.train.batch_size=64
+    python launch/train.py --config=configs/magdiff.py:variant=tiny --workdir=runs/magdiff --export=models/magdiff
 
 Resumes from --workdir's checkpoints; SIGTERM (a preempted TPU VM) saves at the current step and exits. Metrics
 (loss, grad norm, lr, steps/s, examples/s, MFU on known chips) go to the log, WORKDIR/metrics.jsonl and TensorBoard
@@ -34,6 +35,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the ru
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Start from a converted model folder (launch/convert.py); "
                                   "default: random initialisation.")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Stop after this many steps (default: config.train.num_steps).")
+_EXPORT = flags.DEFINE_string("export", None, "At the end, write the EMA weights as a converted model folder here (what "
+                              "launch/sample.py --checkpoint reads); a finished run only exports.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs). On "
                                   "TPU VMs and SLURM the processes find each other; elsewhere set the three flags below.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (with --distributed, off TPU/SLURM).")
@@ -104,9 +107,18 @@ def main(argv):
     print(f"trainable parameters: {trainer.trainable_count:,} (of {trainer.trainable_count + trainer.frozen_count:,});"
           f" devices: {jax.device_count()} on {jax.process_count()} host(s); mesh {dict(trainer.mesh.shape)}")
     stream = make_batches(config, pipe.tokenize)
-    train(trainer, _WORKDIR.value, stream, num_steps=_STEPS.value, data_state=stream.get_state,
-          set_data_state=stream.set_state, log=_print_metrics, sample=make_sampler(pipe, trainer, config))
+    if _EXPORT.value and os.path.exists(_EXPORT.value):  # checked before any training, so nothing is lost
+        raise app.UsageError(f"--export={_EXPORT.value} exists; give a new folder")
+    state = train(trainer, _WORKDIR.value, stream, num_steps=_STEPS.value, data_state=stream.get_state,
+                  set_data_state=stream.set_state, log=_print_metrics, sample=make_sampler(pipe, trainer, config))
     print(f"done: {_WORKDIR.value}")
+    if _EXPORT.value and jax.process_index() == 0:
+        from vdjax.convert import converted
+
+        pipe.set_unet(nnx.merge(trainer.graphdef, state.ema, trainer.frozen))
+        converted.save(_EXPORT.value, config, {part: getattr(pipe, part) for part in pipe.PARTS},
+                       sources={"workdir": os.path.abspath(_WORKDIR.value), "weights": "EMA"})
+        print(f"exported the EMA weights to {_EXPORT.value} (launch/sample.py --checkpoint={_EXPORT.value})")
 
 
 if __name__ == "__main__":

@@ -427,9 +427,10 @@ def test_editing_bad_input(pipe, source, caplog, tmp_path):
         edit_video(pipe, video, "x", image=image, mask=mask, steps=2, strength=0.0)
 
 
-def test_sample_script_edits_a_video_with_a_mask(source, tmp_path):
-    """launch/sample.py --config=configs/magdiff.py --video --mask (random tiny weights): a mask of another size is
-    fitted with a log line, the edit is written; a mask-less edit that should blend is refused before compute."""
+def test_train_export_then_edit_a_video_with_a_mask(source, tmp_path):
+    """launch/train.py trains the tiny MagDiff 2 steps and --export's its EMA weights; launch/sample.py edits a
+    video with them (--video --mask): a mask of another size is fitted with a log line, the edit is written; a
+    mask-less edit that should blend is refused before compute."""
     import subprocess
     import sys
 
@@ -441,8 +442,14 @@ def test_sample_script_edits_a_video_with_a_mask(source, tmp_path):
     video, _, mask = source
     write_video(video, str(tmp_path / "in.gif"))
     Image.fromarray(np.kron(mask, np.ones((2, 2), np.uint8)) * 255).save(tmp_path / "mask.png")  # 64 x 64
-    cmd = [sys.executable, "launch/sample.py", "--config=configs/magdiff.py:variant=tiny", "--random_init",
-           f"--video={tmp_path / 'in.gif'}", "--prompt=a blue square", "--steps=3"]
+    trained = subprocess.run([sys.executable, "launch/train.py", "--config=configs/magdiff.py:variant=tiny",
+                              f"--workdir={tmp_path / 'run'}", "--num_steps=2", f"--export={tmp_path / 'model'}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "exported the EMA weights" in trained.stdout
+    cmd = [sys.executable, "launch/sample.py", "--config=configs/magdiff.py:variant=tiny",
+           f"--checkpoint={tmp_path / 'model'}", f"--video={tmp_path / 'in.gif'}", "--prompt=a blue square",
+           "--steps=3"]
     ok = subprocess.run(cmd + [f"--mask={tmp_path / 'mask.png'}", f"--output={tmp_path / 'out.gif'}"], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
