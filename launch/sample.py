@@ -90,6 +90,28 @@ def _outputs(n: int) -> list[str]:
     return paths
 
 
+# Which public files each family loads, and the command that converts them once (then --checkpoint=FOLDER).
+_WHERE_WEIGHTS = {
+    "animatediff": "get an SD 1.5 checkpoint (v1-5-pruned-emaonly.safetensors, or a community fine-tune) and an "
+                   "AnimateDiff motion module (guoyww/animatediff: mm_sd_v15_v2.ckpt), then `python launch/convert.py "
+                   "--config=configs/animatediff_sd15.py:variant=v2 --model=v1-5-pruned-emaonly.safetensors "
+                   "--motion_module=mm_sd_v15_v2.ckpt --output=models/sd15_mm_v2`. ",
+    "videocrafter": "get the release's model.ckpt (VideoCrafter/VideoCrafter2 on the Hugging Face hub), then `python "
+                    "launch/convert.py --config=configs/videocrafter.py:variant=VARIANT --model=model.ckpt "
+                    "--output=models/videocrafter`. ",
+    "i2v_adapter": "get SD 1.5, I2V-Adapter's animatediff_v15_v1_ipplus.pth and i2v_module.pth (KwaiVGI/I2V-Adapter)"
+                   ", IP-Adapter's ip-adapter-plus_sd15.bin and models/image_encoder (h94/IP-Adapter), then `python "
+                   "launch/convert.py --config=configs/i2v_adapter_sd15.py --model=v1-5-pruned-emaonly.safetensors "
+                   "--motion_module=animatediff_v15_v1_ipplus.pth --i2v_module=i2v_module.pth "
+                   "--ip_adapter=ip-adapter-plus_sd15.bin --image_encoder=models/image_encoder "
+                   "--output=models/i2v_adapter`. ",
+    "magdiff": "MagDiff has no public weights: train it (`python launch/train.py --config=configs/magdiff.py "
+               "--workdir=runs/magdiff --export=models/magdiff`, starting from VideoCrafter I2V 512: convert "
+               "i2v_512_v1/model.ckpt with `python launch/convert.py --config=configs/magdiff.py "
+               "--model=model.ckpt --output=models/magdiff_init` and pass --checkpoint=models/magdiff_init). ",
+}
+
+
 def _pipeline(config) -> T2VPipeline:
     kind = pipeline_class(config)
     given = _WEIGHTS.files()
@@ -100,7 +122,9 @@ def _pipeline(config) -> T2VPipeline:
         print(f"weights: converted model {_CHECKPOINT.value}")
         return kind.from_converted(_CHECKPOINT.value)
     if not given:
-        raise app.UsageError("no weights: give --checkpoint, --model (and --motion_module), or --random_init")
+        raise app.UsageError(f"no weights for {config.family} {config.get('variant', '')}: {_WHERE_WEIGHTS.get(config.family, '')}"
+                             "Give a converted folder (--checkpoint), the files themselves (converted at load "
+                             "time), or --random_init (noise; smoke tests).")
     print("weights: " + ", ".join(f"{k}={v}" for k, v in given.items()))
     return kind.from_files(config, loras=_WEIGHTS.loras(), **given)
 

@@ -457,3 +457,9 @@ def test_train_export_then_edit_a_video_with_a_mask(source, tmp_path):
     refused = subprocess.run(cmd + [f"--output={tmp_path / 'no.gif'}"], cwd=ROOT, capture_output=True, text=True,
                              timeout=600)
     assert refused.returncode != 0 and "give --mask" in refused.stderr
+    # No weights: what to get and the commands that make them.
+    none = subprocess.run([sys.executable, "launch/sample.py", "--config=configs/magdiff.py:variant=tiny",
+                           f"--image={tmp_path / 'mask.png'}", "--prompt=x", f"--output={tmp_path / 'x.gif'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert none.returncode != 0 and "MagDiff has no public weights" in none.stderr
+    assert "launch/train.py --config=configs/magdiff.py" in none.stderr and "launch/convert.py" in none.stderr
