@@ -68,18 +68,28 @@ _OUTPUT = flags.DEFINE_string("output", "outputs/sample.mp4", "Output: .mp4, .gi
 _SAVE_LATENTS = flags.DEFINE_bool("save_latents", False, "Also write the final latents next to the output (.npy).")
 
 
-def _prompts() -> list[str]:
+def _config_path(config, key: str) -> str | None:
+    """config.sample.<key> (configs/demo.py's default weights and image), relative to the repository's root."""
+    path = config.sample.get(key)
+    return path and os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+
+
+def _prompts(config) -> list[str]:
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
         if not os.path.isfile(_PROMPTS_FILE.value):
             raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value}: no such file")
         prompts += [line.strip() for line in open(_PROMPTS_FILE.value) if line.strip()]
+    if not prompts and config.sample.get("prompt"):
+        prompts = [config.sample.prompt]
     if not prompts:
         raise app.UsageError("give --prompt (repeatable) or --prompts_file")
     return prompts
 
 
 def _outputs(n: int) -> list[str]:
+    if not _OUTPUT.present:  # the default, outputs/: made on a fresh checkout
+        os.makedirs(os.path.dirname(_OUTPUT.value), exist_ok=True)
     base, ext = os.path.splitext(_OUTPUT.value)
     paths = [_OUTPUT.value] if n == 1 else [f"{base}_{i:02d}{ext}" for i in range(n)]
     for path in paths:
@@ -118,9 +128,12 @@ def _pipeline(config) -> T2VPipeline:
     if _RANDOM.value:
         print("weights: random (--random_init)")
         return kind.random_init(config)
-    if _CHECKPOINT.value:
-        print(f"weights: converted model {_CHECKPOINT.value}")
-        return kind.from_converted(_CHECKPOINT.value)
+    checkpoint = _CHECKPOINT.value or (None if given else _config_path(config, "checkpoint"))
+    if checkpoint:
+        if not os.path.isdir(checkpoint):
+            raise app.UsageError(f"{checkpoint}: no such converted model folder")
+        print(f"weights: converted model {checkpoint}")
+        return kind.from_converted(checkpoint)
     if not given:
         raise app.UsageError(f"no weights for {config.family} {config.get('variant', '')}: {_WHERE_WEIGHTS.get(config.family, '')}"
                              "Give a converted folder (--checkpoint), the files themselves (converted at load "
@@ -152,6 +165,8 @@ def _conditions(config) -> dict:
         conditions["video"] = _read(_VIDEO, read_video)
     if _IMAGE.value:
         conditions["image"] = _read(_IMAGE, read_image)
+    elif _config_path(config, "image") and "video" not in conditions:
+        conditions["image"] = read_image(_config_path(config, "image"))
     elif "video" in conditions:
         conditions["image"] = conditions["video"][0]
     else:
@@ -190,7 +205,7 @@ def _edit(pipe, config, prompts, conditions, kwargs, bar):
 def main(argv):
     del argv
     config = _CONFIG.value
-    prompts = _prompts()
+    prompts = _prompts(config)
     outputs = _outputs(len(prompts))
     conditions = _conditions(config)
     start = time.perf_counter()
