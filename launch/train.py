@@ -102,20 +102,29 @@ def main(argv):
     kind = pipeline_class(config)
     pipe = (kind.from_converted(_CHECKPOINT.value) if _CHECKPOINT.value
             else kind.random_init(config, seed=config.train.seed))
-    trainer = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder,
-                      image_encoder=getattr(pipe, "image_encoder", None), image_proj=getattr(pipe, "image_proj", None))
+    autoencoder = config.train.get("objective", "diffusion") == "autoencoder"  # the VAE alone (configs/demo.py)
+    if autoencoder:
+        from vdjax.train.autoencoder import AutoencoderTrainer
+        trainer = AutoencoderTrainer(config, pipe.vae)
+    else:
+        trainer = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder, image_encoder=getattr(pipe, "image_encoder",
+                          None), image_proj=getattr(pipe, "image_proj", None))
     print(f"trainable parameters: {trainer.trainable_count:,} (of {trainer.trainable_count + trainer.frozen_count:,});"
           f" devices: {jax.device_count()} on {jax.process_count()} host(s); mesh {dict(trainer.mesh.shape)}")
     stream = make_batches(config, pipe.tokenize)
     if _EXPORT.value and os.path.exists(_EXPORT.value):  # checked before any training, so nothing is lost
         raise app.UsageError(f"--export={_EXPORT.value} exists; give a new folder")
     state = train(trainer, _WORKDIR.value, stream, num_steps=_STEPS.value, data_state=stream.get_state,
-                  set_data_state=stream.set_state, log=_print_metrics, sample=make_sampler(pipe, trainer, config))
+                  set_data_state=stream.set_state, log=_print_metrics,
+                  sample=None if autoencoder else make_sampler(pipe, trainer, config))
     print(f"done: {_WORKDIR.value}")
     if _EXPORT.value and jax.process_index() == 0:
         from vdjax.convert import converted
 
-        pipe.set_unet(nnx.merge(trainer.graphdef, state.ema, trainer.frozen))
+        if autoencoder:  # the trained VAE with the other parts as they came (random, or --checkpoint's)
+            pipe.vae = trainer.model(state)
+        else:
+            pipe.set_unet(nnx.merge(trainer.graphdef, state.ema, trainer.frozen))
         converted.save(_EXPORT.value, config, {part: getattr(pipe, part) for part in pipe.PARTS},
                        sources={"workdir": os.path.abspath(_WORKDIR.value), "weights": "EMA"})
         print(f"exported the EMA weights to {_EXPORT.value} (launch/sample.py --checkpoint={_EXPORT.value})")
