@@ -12,12 +12,20 @@
         --mask=dog_mask.png --prompt="a dog running on the beach"
     python launch/sample.py --config=configs/magdiff.py --checkpoint=runs/magdiff/model --video=dog.mp4 \
         --mask=dog_mask.png --source_prompt="a dog running on grass" --prompt="a dog running on the beach"
+    python launch/sample.py --config=configs/animatediff_sd15.py:variant=v2 --checkpoint=models/sd15_mm_v2 \
+        --video=dog.mp4 --mask=dog_mask.png --source_prompt="a dog on grass" --prompt="a cat on grass"
 
 Image-to-video configs (those with an image encoder) need --image: it is fitted to the frame size (centred crop
 to the aspect ratio, then resize). MagDiff takes the subject as --image and --mask (the image outside the mask is
-black; without --mask the whole image); with --video it edits that video instead (DDIM inversion, then the same
-sampler with the new prompt; the subject image defaults to the video's first frame, and the region outside --mask
-keeps the source unless --noedit_blend). VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...);
+black; without --mask the whole image).
+
+--video edits that video instead of generating (any family but VideoCrafter's use_scale ones; vdjax/pipelines/edit.py):
+DDIM inversion with --source_prompt, then the same sampler with --prompt. Its first --num_frames frames are edited; a
+shorter video is refused unless --loop_short_video. --mask (white = the subject, the region the edit changes) keeps
+the rest from the source (--edit_blend: default config.sample.edit_blend, MagDiff's True, which then needs --mask;
+for other families on exactly when --mask is given). Image-conditioned families take the video's first frame as
+--image unless it is given (MagDiff: the subject = that image inside --mask). --inversion_iterations: fixed-point
+iterations per inversion step, for a closer reconstruction (default config.sample.inversion_iterations or 0). VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...);
 --fps sets the frame rate of the written file.
 
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
@@ -47,12 +55,17 @@ _RANDOM = flags.DEFINE_bool("random_init", False, "Random weights (smoke tests; 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several videos.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
 _IMAGE = flags.DEFINE_string("image", None, "Image-to-video: the conditioning image (PNG/JPEG), for every prompt.")
-_MASK = flags.DEFINE_string("mask", None, "MagDiff: the subject's mask (PNG, white = subject), for --image or --video.")
-_VIDEO = flags.DEFINE_string("video", None, "Edit this video (mp4/gif/frames folder) instead of generating (MagDiff).")
+_MASK = flags.DEFINE_string("mask", None, "The subject's mask (PNG, white = subject): MagDiff's subject for --image or "
+                             "--video; with --video, the region the edit changes.")
+_VIDEO = flags.DEFINE_string("video", None, "Edit this video (mp4/gif/frames folder) instead of generating.")
 _SOURCE_PROMPT = flags.DEFINE_string("source_prompt", None, "Editing: the prompt describing --video (default: the "
                                      "prompt).")
 _EDIT_BLEND = flags.DEFINE_bool("edit_blend", None, "Editing: keep the region outside --mask from the source "
-                                "(default: config.sample.edit_blend).")
+                                "(default: config.sample.edit_blend, else whether --mask is given).")
+_LOOP = flags.DEFINE_bool("loop_short_video", None, "Editing: loop a --video shorter than --num_frames (default: "
+                          "config.sample.loop_short_video, else refused).")
+_ITERATIONS = flags.DEFINE_integer("inversion_iterations", None, "Editing: fixed-point iterations per DDIM inversion "
+                                   "step (default: config.sample.inversion_iterations, else 0).")
 _STRENGTH = flags.DEFINE_float("strength", None, "Editing: the inverted fraction of the schedule (default: "
                                "config.sample.edit_strength).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt (default: the config's).")
@@ -150,19 +163,53 @@ def _read(flag, reader):
 
 
 def _conditions(config) -> dict:
+    """The pipeline's conditions (image=, MagDiff's mask=), and for editing video= (the frames edited) and
+    blend_mask= (non-MagDiff families' --mask); each read and checked here, before any compute."""
     magdiff = config.get("family") == "magdiff"
-    if (_MASK.value or _VIDEO.value) and not magdiff:
-        raise app.UsageError("--mask and --video are MagDiff's (subject masks, editing): use configs/magdiff.py")
+    if _MASK.value and not (magdiff or _VIDEO.value):
+        raise app.UsageError(f"--mask: {config.family} takes a mask only when editing (--video: the region the edit "
+                             "changes); MagDiff (configs/magdiff.py) takes it as the subject of --image")
+    for flag in (_SOURCE_PROMPT, _STRENGTH, _LOOP, _ITERATIONS):
+        if flag.value is not None and not _VIDEO.value:
+            raise app.UsageError(f"--{flag.name} is for editing: give --video=FILE too")
+    if _EDIT_BLEND.value is not None and not _VIDEO.value:
+        raise app.UsageError("--edit_blend is for editing: give --video=FILE too")
+    conditions = {}
+    s = config.sample
+    height, width = _HEIGHT.value or s.height, _WIDTH.value or s.width
+    if _VIDEO.value:  # editing: the source video, and the subject from its first frame unless --image is given
+        from vdjax.io.video import read_video
+        from vdjax.pipelines.edit import source_frames
+
+        if config.schedule.get("use_scale", False):
+            raise app.UsageError(f"--video: {config.family} {config.variant} samples with VideoCrafter's per-timestep "
+                                 "latent scale (use_scale), which DDIM inversion does not take yet; edit with "
+                                 "configs/videocrafter.py:variant=t2v_512_v1, AnimateDiff or MagDiff")
+        if _ITERATIONS.value is not None and _ITERATIONS.value < 0:
+            raise app.UsageError(f"--inversion_iterations={_ITERATIONS.value}; give 0 or more")
+        if _STRENGTH.value is not None and not 0 < _STRENGTH.value <= 1:
+            raise app.UsageError(f"--strength={_STRENGTH.value}; give the inverted fraction of the schedule in (0, 1]")
+        video = _read(_VIDEO, read_video)
+        loop = s.get("loop_short_video", False) if _LOOP.value is None else _LOOP.value
+        try:
+            conditions["video"] = source_frames(video, _FRAMES.value or s.num_frames, loop=loop)
+        except ValueError as e:
+            raise app.UsageError(f"--video: {e}") from None
+    if _MASK.value:
+        from vdjax.io.mask import fit_mask
+
+        mask = _read(_MASK, read_mask)
+        try:  # fitted here (log line), so that an empty mask fails before compute
+            mask = fit_mask(mask, height, width)
+        except ValueError as e:
+            raise app.UsageError(f"--mask: {e}") from None
+        conditions["mask" if magdiff else "blend_mask"] = mask
     if "image_encoder" not in config:
         if _IMAGE.value:
             raise app.UsageError(f"--image: {config.family} {config.variant} is text-to-video; use an image-to-video "
                                  "config (e.g. configs/videocrafter.py:variant=i2v_512_v1)")
-        return {}
-    conditions = {}
-    if _VIDEO.value:  # editing: the source video, and the subject from its first frame unless --image is given
-        from vdjax.io.video import read_video
-
-        conditions["video"] = _read(_VIDEO, read_video)
+        _check_blend(config, conditions)
+        return conditions
     if _IMAGE.value:
         conditions["image"] = _read(_IMAGE, read_image)
     elif _config_path(config, "image") and "video" not in conditions:
@@ -173,28 +220,36 @@ def _conditions(config) -> dict:
         raise app.UsageError(f"{config.family} {config.variant} is image-to-video: give --image=FILE" +
                              (" (the subject) and --mask=FILE (its mask)" if magdiff else ""))
     if magdiff:
-        conditions["mask"] = _read(_MASK, read_mask) if _MASK.value else None
-    if "video" in conditions and _edit_blend(config) and not _MASK.value:
-        raise app.UsageError("editing keeps the region outside the subject mask (--edit_blend): give --mask, or "
-                             "--noedit_blend to regenerate the whole video")
+        conditions.setdefault("mask", None)
+    _check_blend(config, conditions)
     return conditions
 
 
+def _check_blend(config, conditions):
+    if "video" in conditions and _edit_blend(config) and not _MASK.value:
+        raise app.UsageError("editing keeps the region outside the subject mask (--edit_blend): give --mask, or "
+                             "--noedit_blend to regenerate the whole video")
+
+
 def _edit_blend(config) -> bool:
-    return config.sample.get("edit_blend", True) if _EDIT_BLEND.value is None else _EDIT_BLEND.value
+    if _EDIT_BLEND.value is not None:
+        return _EDIT_BLEND.value
+    return config.sample.get("edit_blend", bool(_MASK.value))
 
 
 def _edit(pipe, config, prompts, conditions, kwargs, bar):
-    """MagDiff editing of --video: one output per prompt."""
+    """Editing of --video: one output per prompt."""
     from vdjax.pipelines.edit import edit_video
 
-    video, mask = conditions.pop("video"), conditions.get("mask")
+    video = conditions.pop("video")
+    mask = conditions.pop("blend_mask") if "blend_mask" in conditions else conditions.get("mask")
     blend = _edit_blend(config)
     outs = []
     for prompt in prompts:
         try:
             out = edit_video(pipe, video, prompt, source_prompt=_SOURCE_PROMPT.value, negative_prompt=_NEGATIVE.value,
-                             blend_mask=mask if blend else None, strength=_STRENGTH.value, seed=_SEED.value,
+                             blend_mask=mask if blend else None, strength=_STRENGTH.value,
+                             inversion_iterations=_ITERATIONS.value, seed=_SEED.value,
                              progress=lambda i, n: bar("editing", i, n), **conditions, **kwargs)
         except ValueError as e:
             raise app.UsageError(str(e)) from None

@@ -75,21 +75,32 @@ def ddim_loop(denoise: Callable, x_T: jax.Array, timesteps: np.ndarray, schedule
 
 def ddim_invert(denoise: Callable, x_0: jax.Array, timesteps: np.ndarray, schedule: Schedule, *, context: jax.Array,
                 progress: Callable[[int, int], None] | None = None, set_alpha_to_one: bool = True,
-                return_trajectory: bool = False):
+                return_trajectory: bool = False, fixed_point_iterations: int | jax.Array = 0,
+                fixed_first_frame: bool = False):
     """Clean latents -> noise along the same (descending) `timesteps`, deterministically (for editing).
 
     Each step evaluates the model at the next, noisier timestep on the current latents, as DDIM inversion does.
     `set_alpha_to_one`: the clean latents' alpha (as the sampler's final alpha, so that the two retrace each other).
     With `return_trajectory`: (noise, the latents at each timestep, (steps, *x_0.shape) in descending-timestep
-    order: trajectory[i] is the latent at timesteps[i])."""
+    order: trajectory[i] is the latent at timesteps[i]).
+
+    `fixed_point_iterations` = k > 0: each step is solved for the latent x_next whose own model output takes the
+    sampler's step back to x (x_next = invert(x, model(x_next)): k fixed-point iterations from the plain step, as
+    Pan et al. 2023's AIDI; k may be traced); where they converge the eta-0 sampler retraces the inversion exactly,
+    whatever the model. `fixed_first_frame`: frame 0 of x_0 (B, F, ...) stays clean, as the sampler's (I2V-Adapter)."""
     ascending = np.asarray(timesteps)[::-1]
     current = np.concatenate([[-1], ascending[:-1]])  # -1: the clean latents (final alpha)
     batch = x_0.shape[0]
 
     def step(x, inputs):
         i, t_from, t_to = inputs
-        out = denoise(x, jnp.full((batch,), t_to), context)
-        x = ddim.ddim_inversion_step(schedule, out, t_from, t_to, x, set_alpha_to_one=set_alpha_to_one)
+        t_model = jnp.full((batch,), t_to)
+
+        def invert(x_eval):  # x -> the next latent, with the model evaluated at x_eval
+            new = ddim.ddim_inversion_step(schedule, denoise(x_eval, t_model, context), t_from, t_to, x,
+                                           set_alpha_to_one=set_alpha_to_one)
+            return new.at[:, 0].set(x[:, 0]) if fixed_first_frame else new
+        x = jax.lax.fori_loop(0, fixed_point_iterations, lambda _, x_next: invert(x_next), invert(x))
         if progress is not None:
             jax.debug.callback(progress, i + 1, len(ascending))
         return x, x if return_trajectory else None
