@@ -1,0 +1,80 @@
+"""The demo model: a small I2V-Adapter-style image-to-video model trained from scratch on moving_shapes, shipped in
+assets/demo/model (runs offline on a CPU in well under a minute).
+
+    python launch/sample.py --config=configs/demo.py                       (the bundled frame, its caption)
+    python launch/sample.py --config=configs/demo.py --image=my_frame.png --prompt="a red square moving right"
+
+What it is (the choices, and why):
+- I2V-Adapter's design at toy size (configs/i2v_adapter_sd15.py:variant=tiny's layout, wider): an AnimateDiff-v1
+  UNet3D with motion modules, first-frame attention in every spatial self-attention, and the input frame's VAE
+  latent held clean at frame 0 through the whole DDIM loop, so frame 0 of the video is the input frame after the
+  VAE's round trip. The IP-Adapter branch (tiny CLIP vision tower + Resampler, frozen at their random init) is kept so
+  the demo runs through the real I2VAdapterPipeline unchanged; the UNet learns how much to use its tokens.
+- Unlike the full-size recipe (adapter-only training on a frozen SD 1.5 + motion module), nothing pretrained exists
+  at this size, so the whole UNet trains from scratch (train.trainable='.*') and the VAE is trained first
+  (stage=vae: train.objective='autoencoder', vdjax/train/autoencoder.py). The text encoder is a tiny CLIP text tower
+  with CLIP's real tokenizer, frozen at its random init: its token features still tell captions apart ("moving
+  left" vs "right"), which the UNet's cross-attention learns to read.
+- Data: moving_shapes clips (vdjax.data.moving_shapes, made on the fly, seed 0), 8 frames of 32x32. The bundled
+  frame assets/demo/first_frame.png is clip 0 of seed 1, which training never sees; its caption is the default prompt.
+- vae.scaling_factor is 1 / the trained VAE's latent standard deviation (`latent_std` in the VAE run's
+  metrics.jsonl), so the UNet sees latents of unit scale.
+
+How the shipped weights were made (the exact commands; CPU, see assets/demo/README.md for wall times):
+
+    python launch/train.py --config=configs/demo.py:stage=vae --workdir=runs/demo_vae --export=runs/demo_vae/model
+    python launch/train.py --config=configs/demo.py --workdir=runs/demo_unet --checkpoint=runs/demo_vae/model \
+        --export=assets/demo/model
+"""
+import importlib.util
+import pathlib
+
+import ml_collections
+
+STAGES = ("unet", "vae")
+# assets/demo/first_frame.png = make_clip(0, num_frames=8, size=32, seed=1)["first_frame"]; its caption:
+DEMO_PROMPT = "a white circle moving left and a blue triangle moving left"
+
+
+def _i2v_adapter_config(arg: str) -> ml_collections.ConfigDict:
+    """configs/i2v_adapter_sd15.py (configs/ is not a package: absl loads configs by path)."""
+    path = pathlib.Path(__file__).with_name("i2v_adapter_sd15.py")
+    spec = importlib.util.spec_from_file_location("i2v_adapter_sd15", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
+    args = dict(part.rpartition("=")[::2] for part in filter(None, (arg or "").split(",")))
+    stage = args.get("stage", args.get("", "unet"))
+    if stage not in STAGES:
+        raise ValueError(f"unknown demo stage {stage!r}; choose one of {', '.join(STAGES)} (vae: train the "
+                         "autoencoder first; unet: the model itself, the default)")
+    config = _i2v_adapter_config("variant=tiny")
+    config.variant = "demo"
+    # The tiny UNet of the tests (32, 64 channels), on 8 x 8 latents of 8 channels: a VAE with three levels
+    # (factor 4) keeps the UNet's cost low enough to train on a CPU, and 8 latent channels keep the frames sharp.
+    config.unet.update(in_channels=8, out_channels=8)
+    config.vae.update(block_out_channels=(32, 64, 64), latent_channels=8)
+    config.vae.scaling_factor = 1.0  # the VAE stage does not use it; the UNet stage's is 1 / the VAE run's last
+    if stage == "unet":              # latent_std (runs/demo_vae/metrics.jsonl, step 800: 2.2096)
+        config.vae.scaling_factor = 0.4526
+        config.schedule.clip_sample = False  # latents of unit scale reach past [-1, 1]: predicted x0 not clipped
+    # Sampling: what `python launch/sample.py --config=configs/demo.py` does with no other flags. Relative paths are
+    # taken from the repository's root.
+    config.sample.update(num_frames=8, height=32, width=32, steps=25, guidance_scale=3.0, eta=0.0, seed=0,
+                         negative_prompt="", save_fps=4)
+    config.sample.checkpoint = "assets/demo/model"
+    config.sample.image = "assets/demo/first_frame.png"
+    config.sample.prompt = DEMO_PROMPT
+    config.data.update(source="moving_shapes", num_examples=20_000, num_frames=8, size=32)
+    config.train.update(trainable=(".*",), learning_rate=1e-3, schedule="cosine", warmup_steps=200, num_steps=3000,
+                        batch_size=4, ema_decay=0.995, log_every=50, checkpoint_every=500, keep_checkpoints=2,
+                        caption_dropout=0.1, sample_every=1500, objective="diffusion", kl_weight=0.0,
+                        sample_prompt="a green circle moving down and a red square moving left")  # clip 0
+    if stage == "vae":
+        config.train.update(objective="autoencoder", kl_weight=1e-6, num_steps=800, learning_rate=2e-3,
+                            warmup_steps=50, ema_decay=0.99, sample_every=0, batch_size=8, checkpoint_every=200)
+        config.data.num_frames = 2  # frames are images to the VAE: two per clip, more clips per step
+    return config
