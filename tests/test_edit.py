@@ -133,15 +133,15 @@ def test_fixed_point_inversion_retraces_the_sampler():
         if first:
             assert np.array_equal(x_T[:, 0], x0[:, 0])
         return float(jnp.abs(ddim_loop(denoise, x_T, ts, schedule, context=0.5, fixed_first_frame=first) - x0).max())
-    plain, fixed, fixed_first = roundtrip(0, False), roundtrip(20, False), roundtrip(20, True)
-    assert fixed < 1e-4 and fixed_first < 1e-4 and plain > 0.1, (plain, fixed, fixed_first)
+    plain, fixed_first = roundtrip(0, False), roundtrip(20, True)
+    assert fixed_first < 1e-4 and plain > 0.1, (plain, fixed_first)
 
 
 def test_bad_inputs(pipe, source, caplog, tmp_path):
     from PIL import Image
 
     from vdjax.io.mask import fit_mask, read_mask, subject_image
-    from vdjax.pipelines.edit import edit_video, latent_mask, source_frames
+    from vdjax.pipelines.edit import edit_video, latent_mask, select_frames, source_frames
 
     video, mask = source
     # A mask of another size: fitted (centred crop to the aspect ratio, resize) with a log line.
@@ -155,8 +155,10 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
     # Per frame: leading dims kept; frames follow the video's selection.
     per_frame = np.stack([mask, np.roll(mask, 2, axis=1)])
     assert fit_mask(per_frame, 8, 8).shape == (2, 8, 8)
-    assert latent_mask(source_frames(per_frame, FRAMES, loop=True, what="blend mask"), FRAMES, SIZE, SIZE,
+    assert latent_mask(select_frames(per_frame, FRAMES, loop=True, what="blend mask"), FRAMES, SIZE, SIZE,
                        2).shape == (1, FRAMES, SIZE // 2, SIZE // 2, 1)
+    with pytest.raises(ValueError, match="blend mask has 2 frames and the model makes 4"):
+        edit_video(pipe, video, "x", blend_mask=per_frame, steps=2)
     # Empty: a clear error, before any compute.
     with pytest.raises(ValueError, match="the mask is empty: no subject.*white on black"):
         fit_mask(np.zeros((SIZE, SIZE), np.float32), SIZE, SIZE)

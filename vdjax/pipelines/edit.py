@@ -43,16 +43,21 @@ class EditOutput:
                                 # timesteps
 
 
-def source_frames(video: np.ndarray, num_frames: int, *, loop: bool = False, what: str = "source video") -> np.ndarray:
-    """(F, ...) frames -> exactly `num_frames` of them: the first ones of a longer video (with a log line); a
-    shorter one is refused, or looped with `loop` (config.sample.loop_short_video, launch/sample.py
-    --loop_short_video). `video`: uint8 (F, H, W, 3) (vdjax.io.video.read_video); per-frame masks go through the
-    same selection (`what` names them in messages)."""
+def source_frames(video: np.ndarray, num_frames: int, *, loop: bool = False) -> np.ndarray:
+    """uint8 (F, H, W, 3) (vdjax.io.video.read_video) -> exactly `num_frames` frames, as `select_frames`."""
     video = np.asarray(video)
-    if what == "source video" and (video.ndim != 4 or video.shape[-1] not in (1, 3, 4) or video.dtype != np.uint8):
+    if video.ndim != 4 or video.shape[-1] not in (1, 3, 4) or video.dtype != np.uint8:
         raise ValueError(f"the source video must be uint8 (frames, H, W, 3); got {video.dtype} {video.shape} "
                          "(see vdjax.io.video.read_video)")
-    n = len(video)
+    return select_frames(video, num_frames, loop=loop)
+
+
+def select_frames(frames: np.ndarray, num_frames: int, *, loop: bool = False, what: str = "source video"):
+    """(F, ...) -> exactly `num_frames` of them: the first ones of a longer video (with a log line); a shorter one
+    is refused, or looped with `loop` (config.sample.loop_short_video, launch/sample.py --loop_short_video).
+    Per-frame masks go through the same selection as their video."""
+    frames = np.asarray(frames)
+    n = len(frames)
     if n == 0:
         raise ValueError(f"the {what} has no frames")
     if n < num_frames:
@@ -63,7 +68,7 @@ def source_frames(video: np.ndarray, num_frames: int, *, loop: bool = False, wha
         log.warning("%s of %d frames looped to %d", what, n, num_frames)
     elif n > num_frames:
         log.warning("%s of %d frames: its first %d are edited", what, n, num_frames)
-    return video[np.arange(num_frames) % n]
+    return frames[np.arange(num_frames) % n]
 
 
 def is_per_frame(mask: np.ndarray) -> bool:
@@ -146,7 +151,7 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     keep_where = np.zeros((1, num_frames, height // f, width // f, 1), bool)
     if blend_mask is not None:
         if is_per_frame(blend_mask):  # the same frames as the video's
-            blend_mask = source_frames(blend_mask, num_frames, loop=loop, what="blend mask")
+            blend_mask = select_frames(blend_mask, num_frames, loop=loop, what="blend mask")
         keep_where = ~latent_mask(blend_mask, num_frames, height, width, f)
     fitted = fit_frames(frames, height, width)
     compiled = pipe.__dict__.setdefault("_edit_jits", {})  # one compile per pipeline, shape and schedule
