@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
 import types
@@ -215,7 +216,8 @@ def test_launch_sample_checks_editing_flags_before_compute(tmp_path, source):
         "the mask is empty: no subject": [f"--video={tmp_path / 'short.gif'}", "--loop_short_video",
                                           f"--mask={tmp_path / 'empty.png'}"],
     }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this tree's
     for message, args in cases.items():
-        run = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
         assert "weights: random" not in run.stdout  # refused before building the model
