@@ -189,6 +189,20 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
     assert "looped to 5" in caplog.text and "its first 3 are edited" in caplog.text
     with pytest.raises(ValueError, match=r"uint8 \(frames, H, W, 3\)"):
         source_frames(video[0], 4)
+    # Reading videos: a folder of gray + alpha frames, 16-bit frames; one image, frames of two sizes refused.
+    from vdjax.io.video import read_video
+
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(video[0]).convert("LA").save(tmp_path / "frames" / "0.png")
+    Image.fromarray((video[1, ..., 0].astype(np.uint16) * 257)).save(tmp_path / "frames" / "1.png")
+    read = read_video(str(tmp_path / "frames"))
+    assert read.shape == (2, SIZE, SIZE, 3) and read.dtype == np.uint8
+    np.testing.assert_array_equal(read[1], np.repeat(video[1, ..., :1], 3, -1))
+    with pytest.raises(ValueError, match="a single image"):
+        read_video(str(tmp_path / "frames" / "0.png"))
+    Image.fromarray(video[0, :8]).save(tmp_path / "frames" / "2.png")
+    with pytest.raises(ValueError, match="frames of different sizes"):
+        read_video(str(tmp_path / "frames"))
     # Settings.
     with pytest.raises(ValueError, match="strength"):
         edit_video(pipe, video, "x", steps=2, strength=1.5)

@@ -55,21 +55,47 @@ def write_video(frames, path: str, fps: float = 8.0) -> str:
 
 
 def read_video(path: str) -> np.ndarray:
-    """A video file (mp4, gif, ...) or a folder of images -> uint8 (frames, height, width, 3)."""
+    """A video file (mp4, gif, ...) or a folder of images (sorted by name) -> uint8 (frames, height, width, 3).
+    Grayscale and RGBA frames become RGB; 16-bit frames are scaled to 8 bits."""
     import imageio.v3 as iio
 
+    path = os.fspath(path)
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTS))
         if not names:
-            raise ValueError(f"{path}: no .png/.jpg frames in this folder")
-        frames = np.stack([iio.imread(os.path.join(path, n)) for n in names])
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such video file")
-        try:
-            frames = np.asarray(iio.imread(path, index=None))
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be decoded as a video ({e})") from e
-    if frames.ndim == 3:  # grayscale
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    return frames[..., :3]
+            raise ValueError(f"{path}: no {'/'.join(IMAGE_EXTS)} frames in this folder")
+        frames = [_rgb(iio.imread(os.path.join(path, n))) for n in names]
+        sizes = sorted({f.shape[:2] for f in frames})
+        if len(sizes) > 1:
+            raise ValueError(f"{path}: frames of different sizes {sizes}; give frames of one size")
+        return np.stack(frames)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such video file")
+    if path.lower().endswith(IMAGE_EXTS):
+        raise ValueError(f"{path} is a single image; give a video (mp4, gif, ...) or a folder of frames")
+    try:
+        frames = np.asarray(iio.imread(path, index=None))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be decoded as a video ({e})") from e
+    if frames.ndim not in (3, 4) or len(frames) == 0:
+        raise ValueError(f"{path}: decoded to shape {frames.shape}, not frames")
+    return np.stack([_rgb(f) for f in frames])
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    """One frame: (H, W), (H, W, 1|3|4), uint8 or 16-bit -> uint8 (H, W, 3)."""
+    frame = np.asarray(frame)
+    if frame.dtype == np.uint16:
+        frame = (frame >> 8).astype(np.uint8)
+    elif frame.dtype == bool:
+        frame = frame.astype(np.uint8) * 255
+    elif frame.dtype != np.uint8:
+        frame = np.clip(frame, 0, 255).astype(np.uint8)
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.shape[-1] in (1, 2):  # gray, gray + alpha
+        frame = np.repeat(frame[..., :1], 3, axis=-1)
+    return frame[..., :3]
