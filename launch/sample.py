@@ -144,7 +144,10 @@ def _pipeline(config) -> T2VPipeline:
     checkpoint = _CHECKPOINT.value or (None if given else _config_path(config, "checkpoint"))
     if checkpoint:
         if not os.path.isdir(checkpoint):
-            raise app.UsageError(f"{checkpoint}: no such converted model folder")
+            raise app.UsageError(f"{checkpoint}: no such converted model folder" + (
+                "" if _CHECKPOINT.value else f" (config.sample.checkpoint; {config.family} {config.variant}: restore it "
+                f"with `git checkout -- {config.sample.checkpoint}`, or remake it with the commands in the config's "
+                "docstring, or give --checkpoint / --model)"))
         print(f"weights: converted model {checkpoint}")
         return kind.from_converted(checkpoint)
     if not given:
