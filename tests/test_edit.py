@@ -155,7 +155,13 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
     np.testing.assert_array_equal(fit_mask((mask * 100 + 100).astype(np.uint8), SIZE, SIZE), mask > 0)
     # Per frame: leading dims kept; frames follow the video's selection.
     per_frame = np.stack([mask, np.roll(mask, 2, axis=1)])
-    assert fit_mask(per_frame, 8, 8).shape == (2, 8, 8)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert fit_mask(per_frame, 8, 8).shape == (2, 8, 8)
+        assert not fit_mask(np.stack([mask, 0 * mask]), SIZE, SIZE)[1].any()  # a frame without the subject
+    assert caplog.text.count("fitted to the frame size 8x8") == 1 and "mask frames [1] have no subject" in caplog.text
+    with pytest.raises(ValueError, match="no subject in any of its 2 frames"):
+        fit_mask(0 * per_frame, SIZE, SIZE)
     assert latent_mask(select_frames(per_frame, FRAMES, loop=True, what="blend mask"), FRAMES, SIZE, SIZE,
                        2).shape == (1, FRAMES, SIZE // 2, SIZE // 2, 1)
     with pytest.raises(ValueError, match="blend mask has 2 frames and the model makes 4"):

@@ -41,29 +41,43 @@ def _as_float(mask: np.ndarray) -> np.ndarray:
 
 def fit_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W) or (F, H, W) mask (bool, {0, 1}, uint8 0..255 or float in [0, 1]) -> bool (..., height, width): fitted
-    like `fit_image` (centred crop to the aspect ratio, bilinear resize) and thresholded at 0.5."""
-    from PIL import Image
-
+    like `fit_image` (centred crop to the aspect ratio, bilinear resize; a log line) and thresholded at 0.5. An empty
+    mask (every frame empty, for one per frame) is refused: no subject."""
     mask = _as_float(mask)
     if mask.ndim == 3 and mask.shape[-1] in (1, 3, 4) and mask.shape[0] > 4:  # (H, W, C): its first channel
         mask = mask[..., 0]
     if mask.ndim not in (2, 3):
         raise ValueError(f"a mask is (H, W) or (frames, H, W); got shape {mask.shape}")
-    if mask.ndim == 3:
-        return np.stack([fit_mask(m, height, width) for m in mask])
-    h, w = mask.shape
+    h, w = mask.shape[-2:]
     if (h, w) != (height, width):
         log.warning("mask %dx%d fitted to the frame size %dx%d (centred crop to the aspect ratio, resize)", w, h,
                     width, height)
-        crop_h, crop_w = min(h, round(w * height / width)), min(w, round(h * width / height))
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        crop = Image.fromarray(mask[top:top + crop_h, left:left + crop_w])
-        mask = np.asarray(crop.resize((width, height), Image.BILINEAR), np.float32)
-    fitted = mask > 0.5
+    if mask.ndim == 3:  # per frame: frames without the subject (it left, or is hidden) are allowed, not all of them
+        fitted = np.stack([_fit_one(m, height, width) for m in mask])
+        empty = [i for i, m in enumerate(fitted) if not m.any()]
+        if len(empty) == len(fitted):
+            raise ValueError(f"the mask is empty: no subject in any of its {len(fitted)} frames (no pixel above 0.5 "
+                             "after fitting to the frame); give masks with the subject in white on black")
+        if empty:
+            log.warning("mask frames %s have no subject", empty)
+        return fitted
+    fitted = _fit_one(mask, height, width)
     if not fitted.any():
         raise ValueError("the mask is empty: no subject (no pixel above 0.5 after fitting to the frame); give a "
                          "mask with the subject in white on black")
     return fitted
+
+
+def _fit_one(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = mask.shape
+    if (h, w) != (height, width):
+        crop_h, crop_w = min(h, round(w * height / width)), min(w, round(h * width / height))
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        crop = Image.fromarray(mask[top:top + crop_h, left:left + crop_w])
+        mask = np.asarray(crop.resize((width, height), Image.BILINEAR), np.float32)
+    return mask > 0.5
 
 
 def subject_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
