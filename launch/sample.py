@@ -19,14 +19,17 @@ Image-to-video configs (those with an image encoder) need --image: it is fitted 
 to the aspect ratio, then resize). MagDiff takes the subject as --image and --mask (the image outside the mask is
 black; without --mask the whole image).
 
---video edits that video instead of generating (any family but VideoCrafter's use_scale ones; vdjax/pipelines/edit.py):
-DDIM inversion with --source_prompt, then the same sampler with --prompt. Its first --num_frames frames are edited; a
-shorter video is refused unless --loop_short_video. --mask (white = the subject, the region the edit changes) keeps
-the rest from the source (--edit_blend: default config.sample.edit_blend, MagDiff's True, which then needs --mask;
-for other families on exactly when --mask is given). Image-conditioned families take the video's first frame as
---image unless it is given (MagDiff: the subject = that image inside --mask). --inversion_iterations: fixed-point
-iterations per inversion step, for a closer reconstruction (default config.sample.inversion_iterations or 0). VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...);
---fps sets the frame rate of the written file.
+--video edits that video instead of generating (vdjax/pipelines/edit.py; every family but VideoCrafter's use_scale
+ones): DDIM inversion with --source_prompt, then the same sampler with --prompt. Its first --num_frames frames are
+edited; a shorter video is refused unless --loop_short_video. --mask (white = the subject, the region the edit
+changes: one PNG, or one per frame as a folder or a mask video, which follows a moving subject) keeps the rest from
+the source (--edit_blend: default config.sample.edit_blend, MagDiff's True, which then needs --mask; for other
+families on exactly when --mask is given). Image-conditioned families take the video's first frame as --image
+unless it is given (MagDiff: the subject = that image inside the (first) mask). --inversion_iterations: fixed-point
+iterations per inversion step, for a closer reconstruction (default config.sample.inversion_iterations or 0).
+
+VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...); --fps sets the frame rate of the
+written file.
 
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
 load time. `--random_init` samples with random weights (noise; for smoke tests). Every argument is checked before
@@ -56,7 +59,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several vi
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
 _IMAGE = flags.DEFINE_string("image", None, "Image-to-video: the conditioning image (PNG/JPEG), for every prompt.")
 _MASK = flags.DEFINE_string("mask", None, "The subject's mask (PNG, white = subject): MagDiff's subject for --image or "
-                             "--video; with --video, the region the edit changes.")
+                             "--video; with --video, the region the edit changes (also one mask per frame: a folder "
+                             "of PNGs or a mask video).")
 _VIDEO = flags.DEFINE_string("video", None, "Edit this video (mp4/gif/frames folder) instead of generating.")
 _SOURCE_PROMPT = flags.DEFINE_string("source_prompt", None, "Editing: the prompt describing --video (default: the "
                                      "prompt).")
@@ -206,7 +210,13 @@ def _conditions(config) -> dict:
             mask = fit_mask(mask, height, width)
         except ValueError as e:
             raise app.UsageError(f"--mask: {e}") from None
-        conditions["mask" if magdiff else "blend_mask"] = mask
+        if mask.ndim == 3 and not _VIDEO.value:
+            raise app.UsageError("--mask: masks per frame (a folder or a mask video) are for editing a --video; give "
+                                 "one image (PNG) with --image")
+        if magdiff:  # the subject: the (first) mask; a mask per frame also blends the edit frame by frame
+            conditions["mask"] = mask[0] if mask.ndim == 3 else mask
+        if mask.ndim == 3 or not magdiff:
+            conditions["blend_mask"] = mask
     if "image_encoder" not in config:
         if _IMAGE.value:
             raise app.UsageError(f"--image: {config.family} {config.variant} is text-to-video; use an image-to-video "

@@ -142,6 +142,7 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
     from PIL import Image
 
     from vdjax.io.mask import fit_mask, read_mask, subject_image
+    from vdjax.io.video import read_video, write_video
     from vdjax.pipelines.edit import edit_video, latent_mask, select_frames, source_frames
 
     video, mask = source
@@ -178,6 +179,11 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
         path = tmp_path / f"mask_{mode.replace(';', '')}.png"
         Image.fromarray((mask * 255).astype(np.uint8)).convert(mode).save(path)
         np.testing.assert_array_equal(fit_mask(read_mask(str(path)), SIZE, SIZE), mask > 0, err_msg=mode)
+    moving = np.stack([np.roll(mask, i, axis=1) for i in range(3)]) * 255
+    write_video(np.repeat(moving[..., None], 3, -1), str(tmp_path / "masks"))  # a folder of PNGs
+    write_video(np.repeat(moving[..., None], 3, -1), str(tmp_path / "masks.gif"))
+    for path in ("masks", "masks.gif"):  # one mask per frame
+        np.testing.assert_array_equal(fit_mask(read_mask(str(tmp_path / path)), SIZE, SIZE), moving > 0)
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="not a readable mask"):
         read_mask(str(tmp_path / "bad.png"))
@@ -196,8 +202,6 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
     with pytest.raises(ValueError, match=r"uint8 \(frames, H, W, 3\)"):
         source_frames(video[0], 4)
     # Reading videos: a folder of gray + alpha frames, 16-bit frames; one image, frames of two sizes refused.
-    from vdjax.io.video import read_video
-
     (tmp_path / "frames").mkdir()
     Image.fromarray(video[0]).convert("LA").save(tmp_path / "frames" / "0.png")
     Image.fromarray((video[1, ..., 0].astype(np.uint16) * 257)).save(tmp_path / "frames" / "1.png")

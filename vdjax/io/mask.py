@@ -14,10 +14,20 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+VIDEO_EXTS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
+
+
 def read_mask(path: str) -> np.ndarray:
-    """A mask image file (any mode: L, RGB, RGBA, 1, 16-bit) -> float32 (H, W) in [0, 1]."""
+    """A mask image file (any mode: L, RGB, RGBA, 1, 16-bit) -> float32 (H, W) in [0, 1]; a folder of mask frames
+    or a mask video (mp4, animated gif, ...) -> float32 (F, H, W), one mask per frame (a one-frame gif: (H, W))."""
     from PIL import Image, UnidentifiedImageError
 
+    path = os.fspath(path)
+    if os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS)):
+        from vdjax.io.video import read_video
+
+        masks = read_video(path).astype(np.float32).mean(axis=-1) / 255.0  # per frame (F, H, W)
+        return masks[0] if len(masks) == 1 else masks
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such mask file")
     try:
