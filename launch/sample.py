@@ -258,12 +258,13 @@ def _edit(pipe, config, prompts, conditions, kwargs, bar):
     mask = conditions.pop("blend_mask") if "blend_mask" in conditions else conditions.get("mask")
     blend = _edit_blend(config)
     outs = []
+    sampling, inverting = (lambda i, n: bar("editing", i, n)), (lambda i, n: bar("inverting", i, n))  # one compile
     for prompt in prompts:
         try:
             out = edit_video(pipe, video, prompt, source_prompt=_SOURCE_PROMPT.value, negative_prompt=_NEGATIVE.value,
                              blend_mask=mask if blend else None, strength=_STRENGTH.value,
-                             inversion_iterations=_ITERATIONS.value, seed=_SEED.value,
-                             progress=lambda i, n: bar("editing", i, n), **conditions, **kwargs)
+                             inversion_iterations=_ITERATIONS.value, seed=_SEED.value, progress=sampling,
+                             inversion_progress=inverting, **conditions, **kwargs)
         except ValueError as e:
             raise app.UsageError(str(e)) from None
         outs.append((out.frames[0], out.latents[0]))

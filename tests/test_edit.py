@@ -88,8 +88,10 @@ def test_blending_keeps_outside_the_mask_on_the_inversion_trajectory(pipe, sourc
     from vdjax.pipelines.edit import edit_video, latent_mask
 
     video, mask = source
+    calls = []
     out = edit_video(pipe, video, "a blue square flying up", source_prompt="a red circle moving right", steps=10,
-                     guidance_scale=1.0, blend_mask=mask)
+                     guidance_scale=1.0, blend_mask=mask, inversion_progress=lambda i, n: calls.append((i, n)))
+    assert sorted(calls) == [(i, 10) for i in range(1, 11)]
     inside = np.broadcast_to(latent_mask(mask, FRAMES, SIZE, SIZE, pipe.vae.downsampling_factor), out.latents.shape)
     assert 0 < inside.mean() < 1
     assert np.array_equal(out.latents[~inside], out.source_latents[~inside])

@@ -113,7 +113,7 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
                num_frames: int | None = None, height: int | None = None, width: int | None = None,
                steps: int | None = None, guidance_scale: float | None = None, eta: float = 0.0,
                strength: float | None = None, inversion_iterations: int | None = None, seed: int | None = None,
-               loop: bool | None = None, progress=None, **conditions) -> EditOutput:
+               loop: bool | None = None, progress=None, inversion_progress=None, **conditions) -> EditOutput:
     """Invert `video` (uint8 (F, H, W, 3)) with `source_prompt` (default: `prompt`), regenerate with `prompt` and
     the pipeline's `conditions` (MagDiff: image=, mask=). `blend_mask` (True = subject): keep the rest.
 
@@ -124,6 +124,7 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     fixed-point iterations per inversion step (see ddim_invert), so that the sampler retraces the inversion even
     where the model changes fast with its input (0: plain DDIM inversion, one model call per step).
     `loop` (default config.sample.loop_short_video): loop a video shorter than `num_frames` instead of refusing it.
+    `progress(i, n)` / `inversion_progress(i, n)`: called after each sampling / inversion step.
     Not for VideoCrafter's use_scale schedules (refused). I2V-Adapter: frame 0 stays clean, the source's first frame
     in the inversion and the latent of `image` in the regeneration."""
     s = pipe.config.sample
@@ -177,10 +178,17 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     cfg = pipe.config
     first_frame = bool(cfg.unet.get("first_frame_attention", False))
 
+    listener = compiled.setdefault("inversion_progress", [None])  # read by the compiled loop's callback
+    listener[0] = inversion_progress
+
+    def report(i, n):
+        if listener[0] is not None:
+            listener[0](int(i), int(n))
+
     def invert(unet_state, z, ctx, extra, iterations):
         unet = nnx.merge(pipe._unet_graph, unet_state)
         fps = jnp.int32(s.fps) if cfg.unet.fps_conditioning else None
-        return ddim_invert(pipe.denoiser(unet, fps, extra), z, ts, pipe.schedule, context=ctx,
+        return ddim_invert(pipe.denoiser(unet, fps, extra), z, ts, pipe.schedule, context=ctx, progress=report,
                            set_alpha_to_one=cfg.schedule.set_alpha_to_one, return_trajectory=True,
                            fixed_point_iterations=iterations, fixed_first_frame=first_frame)
     x_T, trajectory = compiled.setdefault(("invert", steps, start), jax.jit(invert))(
