@@ -218,6 +218,8 @@ def test_bad_inputs(pipe, source, caplog, tmp_path):
     # Settings.
     with pytest.raises(ValueError, match="strength"):
         edit_video(pipe, video, "x", steps=2, strength=1.5)
+    with pytest.raises(ValueError, match="2 negative prompts; an edit takes one"):
+        edit_video(pipe, video, "x", steps=2, negative_prompt=["a", "b"])
     with pytest.raises(ValueError, match="inversion_iterations"):
         edit_video(pipe, video, "x", steps=2, inversion_iterations=-1)
     scaled = types.SimpleNamespace(config=pipe.config, schedule=dataclasses.replace(pipe.schedule,

@@ -127,7 +127,8 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     `progress(i, n)` / `inversion_progress(i, n)`: called after each sampling / inversion step.
     Not for VideoCrafter's use_scale schedules (refused). I2V-Adapter: frame 0 stays clean, the source's first frame
     in the inversion and the latent of `image` in the regeneration."""
-    s = pipe.config.sample
+    cfg = pipe.config
+    s = cfg.sample
     num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
     steps = s.steps if steps is None else steps
     strength = s.get("edit_strength", 1.0) if strength is None else strength
@@ -145,6 +146,14 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
                          "AnimateDiff)")
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
     pipe.check(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale, eta=eta)
+    negative = s.negative_prompt if negative_prompt is None else negative_prompt
+    negative = [negative] if isinstance(negative, str) else list(negative)
+    if len(negative) != 1:
+        raise ValueError(f"{len(negative)} negative prompts; an edit takes one")
+    if cfg.schedule.get("clip_sample", False):
+        log.warning("the sampler clips its predicted clean latents (schedule.clip_sample), which the inversion cannot "
+                    "undo: the edit follows the source only approximately; --config.schedule.clip_sample=False "
+                    "turns it off")
     loop = s.get("loop_short_video", False) if loop is None else loop
     frames = source_frames(video, num_frames, loop=loop)
     f = pipe.vae.downsampling_factor
@@ -159,8 +168,6 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     encode = compiled.setdefault("encode", nnx.jit(_encode, static_argnums=2))
     z0 = encode(pipe.vae, jnp.asarray(fitted), float(pipe.config.vae.scaling_factor))[None]
 
-    negative = s.negative_prompt if negative_prompt is None else negative_prompt
-    negative = [negative] if isinstance(negative, str) else list(negative)
     key = jax.random.key(s.seed if seed is None else seed)
     prep_key, loop_key = jax.random.split(key)
     shape = z0.shape
@@ -175,7 +182,6 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
                     "runs along the timesteps, so editing retraces the source only approximately",
                     pipe.config.schedule.timestep_spacing)
     ts = ts[start:]
-    cfg = pipe.config
     first_frame = bool(cfg.unet.get("first_frame_attention", False))
 
     listener = compiled.setdefault("inversion_progress", [None])  # read by the compiled loop's callback
