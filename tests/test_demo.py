@@ -4,9 +4,11 @@ as `python launch/sample.py --config=configs/demo.py` makes it (the bundled fram
 - it runs offline with no other flags (weights, frame and prompt from config.sample);
 - frame 0 is the input frame: PSNR >= 25 dB (the VAE's round trip of the clean first-frame latent);
 - the shapes move: the palette-colour masks' centroids shift by >= MIN_DISPLACEMENT pixels, on average over the
-  colours, from frame 0 to the last frame (the true clip moves its shapes by 9.2 pixels; a still video scores 0);
+  colours, from frame 0 to the last frame (the true clip moves its shapes by 9.1 pixels; a still video scores 0);
 - the shapes keep their colour and count: in >= MIN_CONSISTENCY of the later frames the shapes found (connected
-  components per palette colour) are frame 0's (vdjax/data/shape_measures.py).
+  components per palette colour) are frame 0's (vdjax/data/shape_measures.py). The shipped weights do not do this
+  yet (0.0; their later frames hold blurred blobs): a strict xfail, which turns into a failure when better weights
+  pass it, so that the marker is then removed.
 The measures are shown to fail on a still video and on one whose shapes vanish or change colour.
 """
 from __future__ import annotations
