@@ -108,7 +108,7 @@ class TorchStep:
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--attention", default=None, choices=("xla", "cudnn", "auto"),
+    p.add_argument("--attention", default=None, choices=("xla", "blocked", "cudnn", "auto"),
                    help="vdjax's attention implementation (default: cuDNN flash on a GPU where it takes every head "
                         "width, else xla)")
     p.add_argument("--remat", default=None, help="comma-separated subset of none,full,dots (default: the workload's)")

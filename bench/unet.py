@@ -47,7 +47,7 @@ WORKLOADS = {
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--attention", default=None, choices=("xla", "cudnn", "auto"),
+    p.add_argument("--attention", default=None, choices=("xla", "blocked", "cudnn", "auto"),
                    help="vdjax's attention implementation (default: cuDNN flash on a GPU where it takes every head "
                         "width, else xla)")
     p.add_argument("--torch-compile", action="store_true", help="run the reference through torch.compile")

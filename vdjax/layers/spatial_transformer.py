@@ -32,7 +32,7 @@ class BasicTransformerBlock(nnx.Module):
     self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_split: dict | None = None,
-                 image_scale: float = 1.0, first_frame: bool = False, impl: str = "xla", dtype=jnp.float32,
+                 image_scale: float = 1.0, first_frame: bool = False, impl: str = "auto", dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn1 = (FirstFrameAttention if first_frame else Attention)(dim, heads, head_dim, impl=impl, dtype=dtype,
@@ -72,7 +72,7 @@ class SpatialTransformer(nnx.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, *, num_layers: int = 1, groups: int = 32,
                  use_linear_projection: bool = False, image_split: dict | None = None, image_scale: float = 1.0,
-                 first_frame: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 first_frame: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"spatial transformer: {channels} channels do not split into {heads} heads")
         self.use_linear_projection = use_linear_projection

@@ -20,7 +20,7 @@ class TemporalTransformerBlock(nnx.Module):
     optionally a causal mask."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, max_positions: int = 0, relative_positions: int = 0,
-                 causal: bool = False, impl: str = "xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 causal: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         attn = lambda: Attention(dim, heads, head_dim, relative_positions=relative_positions, impl=impl, dtype=dtype,
                                  rngs=rngs)
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
@@ -66,7 +66,7 @@ class TemporalTransformer(nnx.Module):
 
     def __init__(self, channels: int, heads: int, *, head_dim: int | None = None, num_layers: int = 1,
                  max_positions: int = 32, relative_positions: int = 0, causal: bool = False, groups: int = 32,
-                 norm_scope: str = "frame", conv_projections: bool = False, impl: str = "xla", dtype=jnp.float32,
+                 norm_scope: str = "frame", conv_projections: bool = False, impl: str = "auto", dtype=jnp.float32,
                  rngs: nnx.Rngs):
         head_dim = head_dim or channels // heads
         inner = heads * head_dim

@@ -34,7 +34,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _shared(**over) -> dict:
-    base = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_impl="xla", dtype="float32")
+    base = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_impl="auto", dtype="float32")
     base.update(over)
     return base
 

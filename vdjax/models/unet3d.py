@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
         # channels for the subject latent (one per `scales` level, fused; see vdjax.models.subject).
         subject=dict(channels=0, scales=(1.0,)),
         dtype="float32",  # compute dtype; parameters are always float32
-        attention_impl="xla",  # see vdjax.layers.attention.IMPLEMENTATIONS
+        attention_impl="auto",  # see vdjax.layers.attention.IMPLEMENTATIONS
     ))
 
 

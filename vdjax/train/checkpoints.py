@@ -19,6 +19,15 @@ from vdjax.convert.readers import CheckpointError
 _MODEL_SECTIONS = ("unet", "vae", "text_encoder", "schedule")
 
 
+_RUNTIME_KEYS = ("attention_impl",)  # how a layer computes, not what its weights are: free to change on resume
+
+
+def _weights_only(section):
+    if isinstance(section, dict):
+        return {k: _weights_only(v) for k, v in section.items() if k not in _RUNTIME_KEYS}
+    return section
+
+
 class Checkpoints:
     def __init__(self, workdir: str, config, keep: int = 3):
         self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -33,7 +42,7 @@ class Checkpoints:
         current = {k: json.loads(config[k].to_json_best_effort()) for k in _MODEL_SECTIONS if k in config}
         if os.path.exists(path):
             saved = json.load(open(path))
-            changed = sorted(k for k in current if saved.get(k) != current[k])
+            changed = sorted(k for k in current if _weights_only(saved.get(k)) != _weights_only(current[k]))
             if changed:
                 raise ValueError(f"{workdir} holds checkpoints of another model config (different: "
                                  f"{', '.join(changed)}); use a new --workdir, or the config that wrote it")

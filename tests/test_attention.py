@@ -1,0 +1,65 @@
+"""Every attention implementation computes the same thing: the cache-blocked CPU path ('blocked', the default
+'auto' on CPU) against jax.nn.dot_product_attention's XLA path and against torch's SDPA, on shapes that take one
+block, several sequences per block, and query chunks within a sequence; causal too; and its gradients."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from vdjax.layers import attention as attn
+
+SHAPES = {  # (batch, queries, keys, heads, head_dim)
+    "one block": (2, 16, 16, 2, 8),
+    "temporal, many sequences per block": (1024, 16, 16, 8, 40),
+    "cross, a few sequences per block": (4, 1024, 77, 8, 8),
+    "query chunks within a sequence": (1, 2048, 2048, 2, 8),
+}
+
+
+def _qkv(b, t, s, n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape).astype(np.float32)) for shape in ((b, t, n, d), (b, s, n, d),
+                                                                                    (b, s, n, d))]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_blocked_matches_xla_and_torch(name, monkeypatch):
+    import torch
+    b, t, s, n, d = SHAPES[name]
+    q, k, v = _qkv(b, t, s, n, d)
+    ref = attn.attention(q, k, v, impl="xla")
+    out = jax.jit(lambda q, k, v: attn.attention(q, k, v, impl="blocked"))(q, k, v)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+    qt, kt, vt = (torch.from_numpy(np.array(x)).transpose(1, 2) for x in (q, k, v))
+    theirs = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).numpy()
+    assert float(np.max(np.abs(np.asarray(out) - theirs))) <= 1e-5
+    monkeypatch.setattr(attn, "BLOCK_BYTES", 1 << 12)  # force loops even where one block would do
+    small = jax.jit(lambda q, k, v: attn.attention(q, k, v, impl="blocked"))(q, k, v)
+    assert float(jnp.max(jnp.abs(small - ref))) <= 1e-5
+
+
+def test_blocked_causal_and_gradients(monkeypatch):
+    monkeypatch.setattr(attn, "BLOCK_BYTES", 1 << 10)  # 8 query rows x 32 keys per block: chunks and a loop
+    q, k, v = _qkv(3, 32, 32, 2, 8, seed=1)
+    for causal in (False, True):
+        ref = attn.attention(q, k, v, causal=causal, impl="xla")
+        out = attn.attention(q, k, v, causal=causal, impl="blocked")
+        assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5, causal
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, causal=True, impl=impl)))
+
+    for g, r in zip(jax.grad(loss("blocked"), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+        assert float(jnp.max(jnp.abs(g - r))) <= 1e-5
+
+
+def test_bfloat16_and_the_default():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, 64, 64, 2, 16, seed=2))
+    out = attn.attention(q, k, v, impl="blocked")
+    assert out.dtype == jnp.bfloat16
+    ref = attn.attention(q, k, v, impl="xla").astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) <= 2e-2  # bfloat16 rounding of the output
+    assert jax.default_backend() != "cpu" or attn.IMPLEMENTATIONS["auto"] is attn._auto
+    with pytest.raises(ValueError, match="choose one of"):
+        attn.attention(q, k, v, impl="flash")
