@@ -1,0 +1,57 @@
+"""Measure a demo model (configs/demo.py) on held-out moving_shapes clips: frame-0 PSNR, shape motion and shape
+consistency (vdjax/data/shape_measures.py), per clip and on average. assets/demo/README.md's numbers come from here.
+
+    python launch/measure_demo.py                                   # the shipped weights, 16 clips of seed 1
+    python launch/measure_demo.py --checkpoint=runs/demo_unet/model --clips=32
+    python launch/measure_demo.py --start_step=0 --keep_prob=0.5    # other Frame Similarity Prior settings
+
+Each clip's first frame and caption go through the same pipeline call as `launch/sample.py --config=configs/demo.py`
+(config.sample: steps, guidance, seed, frame prior, colour matching); clip i of seed 1 was never seen in training
+(seed 0).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHECKPOINT = flags.DEFINE_string("checkpoint", os.path.join(_ROOT, "assets", "demo", "model"),
+                                  "A converted demo model folder (launch/train.py --export).")
+_CLIPS = flags.DEFINE_integer("clips", 16, "Held-out clips: make_clip(i, seed=1) for i < clips.")
+_START = flags.DEFINE_integer("start_step", None, "Override config.sample.frame_prior.start_step.")
+_KEEP = flags.DEFINE_float("keep_prob", None, "Override config.sample.frame_prior.keep_prob.")
+
+
+def main(argv):
+    del argv
+    from vdjax.data import shape_measures
+    from vdjax.data.moving_shapes import make_clip
+    from vdjax.pipelines.i2v_adapter import I2VAdapterPipeline
+
+    if _CLIPS.value < 1:
+        raise app.UsageError("--clips must be at least 1")
+    pipe = I2VAdapterPipeline.from_converted(_CHECKPOINT.value)
+    s = pipe.config.sample
+    if _START.value is not None:
+        s.frame_prior.start_step = _START.value
+    if _KEEP.value is not None:
+        s.frame_prior.keep_prob = _KEEP.value
+    clips = [make_clip(i, num_frames=s.num_frames, size=s.height, seed=1) for i in range(_CLIPS.value)]
+    out = pipe([c["caption"] for c in clips], negative_prompt=s.negative_prompt, seed=s.seed,
+               image=np.stack([c["first_frame"] for c in clips]), num_frames=s.num_frames, height=s.height,
+               width=s.width, steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
+    rows = []
+    for i, (clip, video) in enumerate(zip(clips, out.frames)):
+        rows.append((shape_measures.psnr(video[0], clip["first_frame"]), shape_measures.displacement(video),
+                     shape_measures.consistency(video)))
+        print(f"clip {i:3d}: psnr {rows[-1][0]:5.1f} dB  motion {rows[-1][1]:5.1f} px  consistency {rows[-1][2]:.2f}"
+              f"  ({clip['caption']})")
+    psnr, motion, consistency = np.mean(rows, axis=0)
+    print(f"mean over {len(rows)} clips: psnr {psnr:.1f} dB, motion {motion:.1f} px, consistency {consistency:.2f} "
+          f"(frame prior start_step {s.frame_prior.start_step}, keep_prob {s.frame_prior.keep_prob})")
+
+
+if __name__ == "__main__":
+    app.run(main)
