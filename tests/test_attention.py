@@ -60,6 +60,24 @@ def test_bfloat16_and_the_default():
     assert out.dtype == jnp.bfloat16
     ref = attn.attention(q, k, v, impl="xla").astype(jnp.float32)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) <= 2e-2  # bfloat16 rounding of the output
-    assert jax.default_backend() != "cpu" or attn.IMPLEMENTATIONS["auto"] is attn._auto
+    default = attn.attention(q, k, v)  # 'auto': the blocked path on a CPU, XLA's elsewhere
+    expected = attn.attention(q, k, v, impl="blocked" if jax.default_backend() == "cpu" else "xla")
+    np.testing.assert_array_equal(np.asarray(default, np.float32), np.asarray(expected, np.float32))
     with pytest.raises(ValueError, match="choose one of"):
         attn.attention(q, k, v, impl="flash")
+
+
+def test_a_resumed_run_may_change_the_attention_implementation(tmp_path):
+    """attention_impl is how layers compute, not what the weights are: a workdir accepts a config that differs only
+    there, and still refuses one whose model differs."""
+    import ml_collections
+    from vdjax.train.checkpoints import Checkpoints
+
+    def config(impl, channels=(32, 64)):
+        return ml_collections.ConfigDict(dict(unet=dict(attention_impl=impl, block_out_channels=channels),
+                                              text_encoder=dict(attention_impl=impl, hidden_size=32)))
+
+    Checkpoints._check_config(str(tmp_path), config("xla"))  # writes tmp_path/config.json
+    Checkpoints._check_config(str(tmp_path), config("auto"))
+    with pytest.raises(ValueError, match="another model config .*unet"):
+        Checkpoints._check_config(str(tmp_path), config("auto", (32, 128)))
