@@ -96,7 +96,8 @@ def attention_impl(requested: str | None, dtype: str, head_dims, *, training: bo
     if requested:
         return requested
     if jax.default_backend() == "cpu":
-        return "blocked"  # what attention_impl='auto' (the default) runs on a CPU
+        from vdjax.layers.attention import resolve
+        return resolve("auto")  # what the default runs here, named in the report
     if jax.default_backend() != "gpu" or dtype == "float32":
         return "xla"
     import jax.numpy as jnp

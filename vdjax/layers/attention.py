@@ -66,12 +66,16 @@ def _blocked(q, k, v, causal=False):
     return out.reshape(b, n, t, d).transpose(0, 2, 1, 3)
 
 
+def resolve(impl: str) -> str:
+    """The implementation `impl` runs here: 'auto' is the fastest this backend has, cache-blocked on a CPU and XLA's
+    path elsewhere (GPU runs that want cuDNN flash name 'cudnn', which takes 16-bit inputs only)."""
+    if impl != "auto":
+        return impl
+    return "blocked" if jax.default_backend() == "cpu" else "xla"
+
+
 def _auto(q, k, v, causal=False):
-    """The fastest this backend has: cache-blocked on CPU, XLA's path elsewhere (GPU runs that want cuDNN flash
-    name 'cudnn', which takes 16-bit inputs only)."""
-    if jax.default_backend() == "cpu":
-        return _blocked(q, k, v, causal)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    return IMPLEMENTATIONS[resolve("auto")](q, k, v, causal)
 
 
 # name -> fn(q, k, v, causal) over (batch, tokens, heads, head_dim). Register new kernels here.
