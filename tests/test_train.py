@@ -63,6 +63,18 @@ def test_only_the_motion_modules_train(trainer):
     assert int(state.step) == 3
 
 
+def test_max_timestep_bounds_the_training_timesteps(pipe, trainer):
+    key = jax.random.key(0)
+    assert int(trainer.draw_timesteps(key, 4096).max()) >= 990  # the default: the whole schedule
+    config = pipe.config.copy_and_resolve_references()
+    config.train.max_timestep = 700
+    t = np.asarray(Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder).draw_timesteps(key, 4096))
+    assert t.min() >= 0 and 690 <= t.max() < 700
+    config.train.max_timestep = 1001
+    with pytest.raises(ValueError, match="max_timestep=1001; use 1 to 1000"):
+        Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+
+
 def test_a_mesh_that_does_not_fit_the_devices_is_refused():
     # A batch that does not split over the mesh is checked on 8 devices in the sharded test below.
     from vdjax import parallel

@@ -49,6 +49,12 @@ class Trainer:
         self.tx = make_optimizer(cfg.train)
         self.lr = lr_schedule(cfg.train)
         self._trainable_template = trainable
+        # Timesteps are drawn from [0, max_timestep): a sampler that never starts above some t (a Frame Similarity
+        # Prior from a later step) gains from training only where it samples. 0: the whole schedule.
+        self.max_timestep = int(cfg.train.get("max_timestep", 0)) or len(self.alphas_cumprod)
+        if not 0 < self.max_timestep <= len(self.alphas_cumprod):
+            raise ValueError(f"train.max_timestep={cfg.train.max_timestep}; use 1 to {len(self.alphas_cumprod)} "
+                             "(or 0 for the whole schedule)")
         if cfg.train.remat not in REMAT:
             raise ValueError(f"train.remat={cfg.train.remat!r}; choose one of {sorted(REMAT)}")
         self.mesh = self.mesh or parallel.make_mesh(dict(cfg.train.mesh))
@@ -127,6 +133,10 @@ class Trainer:
         plus = "clip_extra_context_tokens" not in self.config.image_proj
         return proj(out.penultimate_hidden_state if plus else out.image_embeds)
 
+    def draw_timesteps(self, key: jax.Array, batch: int) -> jax.Array:
+        """Uniform training timesteps in [0, max_timestep)."""
+        return jax.random.randint(key, (batch,), 0, self.max_timestep)
+
     def _step_fn(self, state, frozen, vae_state, text_state, image_state, batch):
         from vdjax.pipelines.t2v import encode_text
         cfg = self.config
@@ -152,7 +162,7 @@ class Trainer:
         if image_state is not None:
             context = jnp.concatenate([context, self._image_tokens(image_state, first)], axis=1)
         context = jax.lax.stop_gradient(context)
-        t = jax.random.randint(k_t, (b,), 0, len(self.alphas_cumprod))
+        t = self.draw_timesteps(k_t, b)
         noise = jax.random.normal(k_noise, z.shape, jnp.float32)
         a = self.alphas_cumprod[t][:, None, None, None, None]
         noisy = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
