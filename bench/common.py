@@ -487,13 +487,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def report(args, title: str, bullets: Sequence[str], header: Sequence[str], rows: Sequence[Sequence[str]],
-           notes: Sequence[str] = ()) -> str:
-    """Print the section; append it to BENCHMARKS.md unless --no-append."""
+           notes: Sequence[str] = (), memory: bool = True) -> str:
+    """Print the section; append it to BENCHMARKS.md unless --no-append. memory: the table has peak memory."""
     lines = [f"### {title}", "", f"- machine: {machine()}", f"- versions: {versions()}",
              f"- command: `{args.command}`",
              f"- timing: median of {args.repeats} timed runs after {args.warmup} warm-up run(s); vdjax and the "
              "reference alternate within one loop, so load from other processes hits both alike",
-             *(f"- {b}" for b in bullets), f"- {memory_note()}", "", *table(header, rows)]
+             *(f"- {b}" for b in bullets), *([f"- {memory_note()}"] if memory else []), "", *table(header, rows)]
     if notes:
         lines += ["", *notes]
     text = "\n".join(lines) + "\n"

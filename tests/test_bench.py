@@ -1,5 +1,5 @@
 """The bench/ scripts run end to end at their smoke size, so that they do not rot. Timings are printed, never
-asserted. The four scripts start at once (each is mostly imports and compiles) and must leave BENCHMARKS.md alone
+asserted. The scripts start at once (each is mostly imports and compiles) and must leave BENCHMARKS.md alone
 with --no-append."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ("unet", "sample", "vae", "train_step")
+SCRIPTS = ("unet", "sample", "vae", "train_step", "kernels")
 pytestmark = pytest.mark.slow  # ~80 s of subprocesses; VDJAX_SLOW=1 runs it
 
 
