@@ -32,7 +32,9 @@ VideoCrafter's fps conditioning is config.sample.fps (--config.sample.fps=...); 
 written file.
 
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
-load time. `--random_init` samples with random weights (noise; for smoke tests). Every argument is checked before
+load time. A converted folder brings its own model config (config.json); how to sample (config.sample: steps, frame
+prior, colour matching, ... and their --config.sample.* overrides) is always --config's, and the settings where the
+folder's config.json differs are printed. `--random_init` samples with random weights (noise; for smoke tests). Every argument is checked before
 any compute.
 """
 from __future__ import annotations
@@ -153,13 +155,25 @@ def _pipeline(config) -> T2VPipeline:
                 f"with `git checkout -- {config.sample.checkpoint}`, or remake it with the commands in the config's "
                 "docstring, or give --checkpoint / --model)"))
         print(f"weights: converted model {checkpoint}")
-        return kind.from_converted(checkpoint)
+        return _sample_as_configured(kind.from_converted(checkpoint), config)
     if not given:
         raise app.UsageError(f"no weights for {config.family} {config.get('variant', '')}: {_WHERE_WEIGHTS.get(config.family, '')}"
                              "Give a converted folder (--checkpoint), the files themselves (converted at load "
                              "time), or --random_init (noise; smoke tests).")
     print("weights: " + ", ".join(f"{k}={v}" for k, v in given.items()))
     return kind.from_files(config, loras=_WEIGHTS.loras(), **given)
+
+
+def _sample_as_configured(pipe, config):
+    """The folder gives the model; --config (with its command-line overrides) says how to sample it."""
+    theirs = pipe.config.sample
+    differ = sorted(k for k in set(theirs) | set(config.sample)
+                    if k not in ("checkpoint", "image", "prompt") and theirs.get(k) != config.sample.get(k))
+    if differ:
+        print(f"sampling as --config says; the folder's config.json differs in sample.{', sample.'.join(differ)}")
+    with pipe.config.unlocked():
+        pipe.config.sample = config.sample
+    return pipe
 
 
 def _read(flag, reader):
