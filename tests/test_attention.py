@@ -1,6 +1,7 @@
 """Every attention implementation computes the same thing: the cache-blocked CPU path ('blocked', the default
 'auto' on CPU) against jax.nn.dot_product_attention's XLA path and against torch's SDPA, on shapes that take one
-block, several sequences per block, and query chunks within a sequence; causal too; and its gradients."""
+block, several sequences per block, and query chunks within a sequence; causal too; and its gradients. The Pallas
+TPU splash kernel ('splash') runs here in Pallas' interpreter, with its padding of tokens and head widths."""
 import numpy as np
 import pytest
 import jax
@@ -52,6 +53,38 @@ def test_blocked_causal_and_gradients(monkeypatch):
     for g, r in zip(jax.grad(loss("blocked"), argnums=(0, 1, 2))(q, k, v),
                     jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
         assert float(jnp.max(jnp.abs(g - r))) <= 1e-5
+
+
+SPLASH_SHAPES = {  # (batch, queries, keys, heads, head_dim, causal)
+    "whole blocks, head width 64": (2, 256, 256, 2, 64, False),
+    "cross-attention: 77 keys padded and masked, head width 40": (2, 200, 77, 2, 40, False),
+    "causal, padded queries and keys": (1, 100, 100, 2, 8, True),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLASH_SHAPES))
+def test_splash_matches_xla(name):
+    b, t, s, n, d, causal = SPLASH_SHAPES[name]
+    q, k, v = _qkv(b, t, s, n, d, seed=3)
+    out = jax.jit(lambda q, k, v: attn.attention(q, k, v, causal=causal, impl="splash"))(q, k, v)
+    ref = attn.attention(q, k, v, causal=causal, impl="xla")
+    assert out.shape == ref.shape and float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+
+
+def test_splash_gradients_and_bfloat16():
+    q, k, v = _qkv(1, 100, 100, 2, 8, seed=4)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, causal=True, impl=impl)))
+
+    for g, r in zip(jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+        assert float(jnp.max(jnp.abs(g - r))) <= 1e-5
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = attn.attention(qb, kb, vb, impl="splash")
+    assert out.dtype == jnp.bfloat16
+    ref = attn.attention(qb, kb, vb, impl="xla").astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) <= 2e-2
 
 
 def test_bfloat16_and_the_default():

@@ -5,6 +5,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vdjax.layers.primitives import EMBED, HEADS, axis_names, dense
@@ -17,10 +18,51 @@ def _dot_product(implementation: str | None) -> Callable:
     return run
 
 
+SPLASH_BLOCK = 512  # query and key rows per splash kernel block (at most; short sequences take one 128-row block)
+
+
 def _splash(q, k, v, causal=False):
-    raise NotImplementedError(
-        "attention implementation 'splash' (the Pallas TPU splash kernel) is not built yet; it arrives with "
-        "issue #7 (benchmarks and speed). Use attention_impl='xla' on TPU for now.")
+    """The Pallas TPU splash attention kernel (jax.experimental.pallas.ops.tpu.splash_attention), one call per batch
+    element (vmap). The kernel wants (heads, tokens, head_dim) with the tokens a multiple of its block and a lane-wide
+    head_dim: queries and keys are zero-padded to whole blocks (padded keys masked out, padded queries dropped) and
+    head_dim to a multiple of 128 (zero columns change no logit and add only zero outputs). q is pre-scaled, since
+    the kernel does not scale. Off TPU it runs in Pallas' interpreter: exact but slow, for tests.
+
+    Under a multi-device mesh the kernel is not partitioned (no shard_map here): XLA runs it whole on every device."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    b, t, n, d = q.shape
+    s = k.shape[1]
+
+    def block(length):
+        return min(SPLASH_BLOCK, -(-length // 128) * 128)
+
+    bq, bkv = block(t), block(s)
+    tp, sp, dp = -(-t // bq) * bq, -(-s // bkv) * bkv, -(-d // 128) * 128
+    if sp == s and not causal:
+        mask = mask_lib.FullMask((tp, sp))
+    elif sp == s and tp == t:
+        mask = mask_lib.CausalMask((tp, sp))
+    else:
+        allowed = np.zeros((tp, sp), bool)
+        allowed[:, :s] = True
+        if causal:
+            allowed &= np.tri(tp, sp, dtype=bool)
+        mask = mask_lib.NumpyMask(allowed)
+    run = kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([mask] * n), head_shards=1, q_seq_shards=1,
+        block_sizes=kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv),
+        interpret=jax.default_backend() != "tpu")
+
+    def heads_first(x, length):  # (b, tokens, n, d) -> (b, n, length, dp)
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
+        return x.transpose(0, 2, 1, 3)
+
+    scaled = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
+    out = jax.vmap(run)(heads_first(scaled, tp), heads_first(k, sp), heads_first(v, sp))
+    return out.transpose(0, 2, 1, 3)[:, :t, :, :d].astype(q.dtype)
 
 
 BLOCK_BYTES = 4 << 20  # float32 logits per block: a few MB stay in a CPU core's cache
@@ -84,7 +126,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "blocked": _blocked,             # pure XLA, cache-sized blocks (fast on CPU)
     "cudnn": _dot_product("cudnn"),  # cuDNN flash attention: GPU with bfloat16/float16 inputs only
     "auto": _auto,                   # the default: blocked on CPU, xla elsewhere
-    "splash": _splash,
+    "splash": _splash,               # the Pallas splash kernel (TPU; interpreted elsewhere)
 }
 
 
