@@ -26,6 +26,7 @@ class BatchStream:
             raise ValueError(f"global batch {global_batch} does not split over {self.count} hosts")
         self.global_batch, self.local_batch = global_batch, global_batch // self.count
         self.next = 0
+        self._epoch_order: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, its order of the examples)
 
     def get_state(self) -> dict:
         return {"next": self.next, "seed": self.seed}
@@ -38,8 +39,10 @@ class BatchStream:
     def _indices(self, n: int) -> np.ndarray:
         per_epoch = max(len(self.source) // self.global_batch, 1)
         epoch, within = divmod(n, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-        order = np.resize(order, per_epoch * self.global_batch)  # tiny datasets repeat to fill a batch
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, not per batch (large sources)
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            self._epoch_order = (epoch, np.resize(order, per_epoch * self.global_batch))  # tiny ones repeat
+        order = self._epoch_order[1]
         batch = order[within * self.global_batch:(within + 1) * self.global_batch]
         return batch[self.index * self.local_batch:(self.index + 1) * self.local_batch]
 
