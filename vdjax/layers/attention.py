@@ -28,7 +28,9 @@ def _splash(q, k, v, causal=False):
     head_dim to a multiple of 128 (zero columns change no logit and add only zero outputs). q is pre-scaled, since
     the kernel does not scale. Off TPU it runs in Pallas' interpreter: exact but slow, for tests.
 
-    Under a multi-device mesh the kernel is not partitioned (no shard_map here): XLA runs it whole on every device."""
+    XLA cannot partition a kernel: under a mesh set as context (`jax.set_mesh`, as the Trainer does) it runs per
+    device through shard_map, the batch split over the mesh's data axes and the heads over 'tensor' where they
+    divide; without one, XLA gathers its inputs and runs it whole on each device."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
@@ -50,19 +52,31 @@ def _splash(q, k, v, causal=False):
         if causal:
             allowed &= np.tri(tp, sp, dtype=bool)
         mask = mask_lib.NumpyMask(allowed)
-    run = kernel_lib.make_splash_mha(
-        mask_lib.MultiHeadMask([mask] * n), head_shards=1, q_seq_shards=1,
-        block_sizes=kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv),
-        interpret=jax.default_backend() != "tpu")
+
+    def kernel(heads):  # the splash kernel for this many heads (a device's share under shard_map)
+        sizes = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+        return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+                                          block_sizes=sizes, interpret=jax.default_backend() != "tpu")
 
     def heads_first(x, length):  # (b, tokens, n, d) -> (b, n, length, dp)
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
         return x.transpose(0, 2, 1, 3)
 
-    scaled = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
-    out = jax.vmap(run)(heads_first(scaled, tp), heads_first(k, sp), heads_first(v, sp))
-    return out.transpose(0, 2, 1, 3)[:, :t, :, :d].astype(q.dtype)
+    def local(q, k, v):  # this device's batch rows and heads
+        scaled = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
+        out = jax.vmap(kernel(q.shape[2]))(heads_first(scaled, tp), heads_first(k, sp), heads_first(v, sp))
+        return out.transpose(0, 2, 1, 3)[:, :t, :, :d].astype(q.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v)
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    if b % int(np.prod([mesh.shape[a] for a in batch_axes])):
+        batch_axes = ()
+    heads_axis = "tensor" if mesh.shape.get("tensor", 1) > 1 and n % mesh.shape["tensor"] == 0 else None
+    spec = jax.sharding.PartitionSpec(batch_axes or None, None, heads_axis, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
 BLOCK_BYTES = 4 << 20  # float32 logits per block: a few MB stay in a CPU core's cache

@@ -111,7 +111,8 @@ class Trainer:
             # The new state keeps the shardings of the one passed in (so the compiled step takes it back).
             state_shardings = jax.tree.map(lambda x: x.sharding, state)
             step = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(state_shardings, self._replicated))
-            self._compiled[shapes] = step.lower(*args).compile()
+            with jax.set_mesh(self.mesh):  # the mesh as context: kernels that cannot be partitioned shard_map on it
+                self._compiled[shapes] = step.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self.step_flops = flops.compiled_flops(self._compiled[shapes])
         return self._compiled[shapes](*args)
