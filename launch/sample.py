@@ -34,8 +34,8 @@ written file.
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
 load time. A converted folder brings its own model config (config.json); how to sample (config.sample: steps, frame
 prior, colour matching, ... and their --config.sample.* overrides) is always --config's, and the settings where the
-folder's config.json differs are printed. `--random_init` samples with random weights (noise; for smoke tests). Every argument is checked before
-any compute.
+folder's config.json differs are printed. `--random_init` samples with random weights (noise; for smoke tests).
+Every argument is checked before any compute.
 """
 from __future__ import annotations
 

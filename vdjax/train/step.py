@@ -49,8 +49,8 @@ class Trainer:
         self.tx = make_optimizer(cfg.train)
         self.lr = lr_schedule(cfg.train)
         self._trainable_template = trainable
-        # Timesteps are drawn from [0, max_timestep): a sampler that never starts above some t (a Frame Similarity
-        # Prior from a later step) gains from training only where it samples. 0: the whole schedule.
+        # Timesteps are drawn from [0, max_timestep): for a sampler that never starts above some t (a Frame
+        # Similarity Prior from a later step), training only where it samples. 0: the whole schedule.
         self.max_timestep = int(cfg.train.get("max_timestep", 0)) or len(self.alphas_cumprod)
         if not 0 < self.max_timestep <= len(self.alphas_cumprod):
             raise ValueError(f"train.max_timestep={cfg.train.max_timestep}; use 1 to {len(self.alphas_cumprod)} "
