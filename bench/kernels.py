@@ -41,7 +41,8 @@ WORKLOADS = {
 
 
 def kernels(w: Workload, attention: str):
-    """name -> (vdjax fn of its inputs, torch fn of the same inputs (NCHW where torch takes it), inputs, GFLOP)."""
+    """name -> (vdjax fn, torch fn, (vdjax inputs, torch inputs), FLOPs or None, the axes that put vdjax's output in
+    torch's layout: NHWC -> NCHW, attention's (n, tokens, heads, width) -> (n, heads, tokens, width))."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -76,13 +77,13 @@ def kernels(w: Workload, attention: str):
         x = randn(n, s, s, cin)
         out[f"conv 3x3 {cin}->{c}"] = (
             nnx.jit(lambda m, x: m(x.astype(jdt))), lambda x, wt=weight, b=bias: F.conv2d(x, wt, b, padding=1),
-            ((conv, jnp.asarray(x)), (nhwc_to_torch(x),)), 2 * n * s * s * 9 * cin * c)
+            ((conv, jnp.asarray(x)), (nhwc_to_torch(x),)), 2 * n * s * s * 9 * cin * c, (0, 3, 1, 2))
     norm = primitives.GroupNorm(32 if c % 32 == 0 else c // 4, c, eps=1e-5, dtype=jdt, rngs=rngs)
     groups = norm.num_groups
     x = randn(n, s, s, c)
     out["GroupNorm + SiLU"] = (nnx.jit(lambda m, x: jax.nn.silu(m(x.astype(jdt)))),
                                lambda x: F.silu(F.group_norm(x, groups, eps=1e-5)),
-                               ((norm, jnp.asarray(x)), (nhwc_to_torch(x),)), None)
+                               ((norm, jnp.asarray(x)), (nhwc_to_torch(x),)), None, (0, 3, 1, 2))
     ln = primitives.layer_norm(c, dtype=jdt, rngs=rngs)
     proj = primitives.dense(c, 8 * c, dtype=jdt, rngs=rngs)  # GEGLU's input projection: 2 x 4c
     weight, bias = to_torch(np.array(proj.kernel[...]).T.copy()), to_torch(np.array(proj.bias[...]))
@@ -90,14 +91,14 @@ def kernels(w: Workload, attention: str):
     out[f"LayerNorm + Linear {c}->{8 * c}"] = (
         nnx.jit(lambda m, x: m[1](m[0](x.astype(jdt)))),
         lambda x: F.linear(F.layer_norm(x, (c,), eps=1e-5), weight, bias),
-        ((nnx.List([ln, proj]), jnp.asarray(x)), (to_torch(x),)), 2 * n * s * s * c * 8 * c)
+        ((nnx.List([ln, proj]), jnp.asarray(x)), (to_torch(x),)), 2 * n * s * s * c * 8 * c, (0, 1, 2))
     q, k, v = (randn(n, s * s, h, c // h) for _ in range(3))
     out[f"self-attention ({attention})"] = (
         jax.jit(lambda q, k, v: attend(q.astype(jdt), k.astype(jdt), v.astype(jdt), impl=attention)),
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         ((jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)),
          tuple(to_torch(np.ascontiguousarray(a.transpose(0, 2, 1, 3))) for a in (q, k, v))),
-        4 * n * h * (s * s) ** 2 * (c // h))
+        4 * n * h * (s * s) ** 2 * (c // h), (0, 2, 1, 3))
     return out, device
 
 
@@ -114,7 +115,7 @@ def main(argv=None):
     print(f"kernels ({args.size}): {w.describe()}")
     rows, errors = [], []
     table, device = kernels(w, attention)
-    for name, (ours, theirs, (jax_in, torch_in), flop) in table.items():
+    for name, (ours, theirs, (jax_in, torch_in), flop, axes) in table.items():
         def run_vdjax():
             return ours(*jax_in).block_until_ready()
 
@@ -126,11 +127,7 @@ def main(argv=None):
 
         print(name)
         times = common.interleaved({"vdjax": run_vdjax, "torch": run_torch}, warmup=args.warmup, repeats=args.repeats)
-        a, b = np.asarray(run_vdjax(), np.float32), run_torch().float().cpu().numpy()
-        if a.ndim == 4 and not name.startswith("self-attention"):
-            a = a.transpose(0, 3, 1, 2)  # NHWC -> NCHW
-        elif name.startswith("self-attention"):
-            a = a.transpose(0, 2, 1, 3)  # (n, tokens, heads, width) -> torch's (n, heads, tokens, width)
+        a, b = np.asarray(run_vdjax(), np.float32).transpose(axes), run_torch().float().cpu().numpy()
         errors.append(f"{name} {float(np.max(np.abs(a - b))):.1e}")
         ratio = times["vdjax"].median / times["torch"].median
         for impl, timing in times.items():
