@@ -72,6 +72,23 @@ def test_the_shipped_files(config):
             assert "/work/" not in (folder / name).read_text(), name
 
 
+def test_factor_two_variant_has_16x16_latents():
+    """configs/demo.py:factor=2 (the next candidate, assets/demo/README.md): its VAE maps the demo's 32x32 frames to
+    16x16 latents whose channels are the UNet's; an unknown factor is refused with the choices."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vdjax.pipelines.t2v import build_part
+
+    config = load_config("configs/demo.py:factor=2")
+    frames = jnp.zeros((1, config.sample.height, config.sample.width, 3))
+    latents = jax.eval_shape(lambda: build_part("vae", config, nnx.Rngs(0)).encode(frames).mean)
+    assert latents.shape == (1, 16, 16, config.unet.in_channels) and config.unet.out_channels == 4, latents.shape
+    with pytest.raises(ValueError, match="choose one of 4, 2"):
+        load_config("configs/demo.py:factor=3")
+
+
 def test_frame_zero_is_the_input(sample):
     image, video, m = sample
     assert video.shape == (8, 32, 32, 3)
