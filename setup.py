@@ -11,7 +11,7 @@ setup(
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
-        "optax>=0.2",
+        "optax>=0.2.5",  # optax.tree.norm
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
         "absl-py>=2.0",

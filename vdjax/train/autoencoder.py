@@ -91,6 +91,6 @@ class AutoencoderTrainer:
         trainable = optax.apply_updates(state.trainable, updates)
         ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, state.ema, trainable)
         metrics = {"loss": loss, "mse": mse, "psnr": 10 * jnp.log10(4.0 / mse), "kl": kl, "latent_std": latent_std,
-                   "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
+                   "grad_norm": optax.tree.norm(grads), "lr": self.lr(state.step)}
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema,
                           rng=jax.random.key_data(rng)), metrics

@@ -195,7 +195,7 @@ class Trainer:
         trainable = optax.apply_updates(state.trainable, updates)
         decay = cfg.train.ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, trainable)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.lr(state.step)}
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema,
                          rng=jax.random.key_data(rng))
         return new, metrics
