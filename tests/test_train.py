@@ -274,6 +274,33 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(model_folder, tmp_p
     assert step == last_logged and 3 <= step < 1000
 
 
+def test_the_loop_keeps_one_step_in_flight_so_sigterm_is_seen_at_once(trainer, tmp_path, monkeypatch):
+    """Steps dispatch asynchronously. A loop that ran ahead to its next log point would then wait in XLA (where
+    Python runs no signal handler) for up to log_every steps, past a preempted VM's grace period: the SIGTERM of
+    a 50-step log interval took 2 minutes to be seen in a demo run. The loop must have waited for step k-2 by the
+    time it takes batch k."""
+    from vdjax.train.loop import train
+
+    losses, real_step = [], trainer.step
+
+    def recording_step(state, batch):
+        state, metrics = real_step(state, batch)
+        losses.append(metrics["loss"])
+        return state, metrics
+
+    def batches():
+        for k in range(100):
+            if k >= 2:
+                assert losses[k - 2].is_ready(), f"batch {k} taken before step {k - 2} finished"
+            yield _batch(k % 2)
+
+    monkeypatch.setattr(trainer, "step", recording_step)
+    monkeypatch.setitem(trainer.config.train, "log_every", 1000)
+    monkeypatch.setitem(trainer.config.train, "checkpoint_every", 1000)
+    train(trainer, str(tmp_path), batches(), num_steps=12)
+    assert len(losses) == 12
+
+
 def test_a_workdir_of_another_config_is_refused(tmp_path):
     from vdjax.train.checkpoints import Checkpoints
 

@@ -65,10 +65,17 @@ def train(trainer: Trainer, workdir: str, batches: Iterator[dict], *, num_steps:
     stop = _StopRequested()
     last_good = start if restored is not None else None
     tick, examples, logged, compile_seconds = time.perf_counter(), 0, start, trainer.compile_seconds
+    in_flight = None
     try:
         for step in range(start, num_steps):
             batch = next(batches)
             state, metrics = trainer.step(state, batch)
+            # Steps dispatch asynchronously: wait for the previous one, so one step stays queued behind the running
+            # one, but Python never runs ahead to the next log point and then blocks in XLA for log_every steps,
+            # where it cannot run the SIGTERM handler (a preempted VM's grace period would run out first).
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+            in_flight = metrics["loss"]
             examples += len(batch["input_ids"]) * jax.process_count()  # this host's rows of the global batch
             done = step + 1
             if done % cfg.log_every == 0 or done == num_steps or stop.requested:
