@@ -3,7 +3,7 @@
 # no network). Each script appends its table to BENCHMARKS.md; the updated file and the logs land in $OUT (or
 # bench_out/), so they come back from the machine.
 #
-#     bash bench/gpu.sh unet vae kernels         # the scripts named (default: unet vae train_step sample)
+#     bash bench/gpu.sh unet vae blocks         # the scripts named (default: unet vae train_step sample)
 #
 # One device call runs at most 10 minutes: name a few scripts per call (the full-size sample loop with
 # torch.compile alone may take several). Each script stops after $TIMEOUT seconds (default 540).

@@ -1,8 +1,10 @@
 """The bench/ scripts run end to end at their smoke size, so that they do not rot. Timings are printed, never
 asserted. The scripts start at once (each is mostly imports and compiles) and must leave BENCHMARKS.md alone
-with --no-append."""
+with --no-append. Their module names must not shadow installed packages (a script's folder comes first on
+sys.path: bench/kernels.py once hid the `kernels` package that transformers needs, and diffusers failed to import)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,8 +13,12 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ("unet", "sample", "vae", "train_step", "kernels")
-pytestmark = pytest.mark.slow  # ~80 s of subprocesses; VDJAX_SLOW=1 runs it
+SCRIPTS = ("unet", "sample", "vae", "train_step", "blocks")
+
+
+def test_no_bench_module_shadows_an_installed_package():
+    shadowing = [p.name for p in sorted((ROOT / "bench").glob("*.py")) if importlib.util.find_spec(p.stem)]
+    assert not shadowing, f"bench/{shadowing} hide installed packages of the same name from the scripts: rename them"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +37,7 @@ def runs():
     assert (ROOT / "BENCHMARKS.md").read_text() == benchmarks, "--no-append changed BENCHMARKS.md"
 
 
+@pytest.mark.slow  # ~80 s of subprocesses; VDJAX_SLOW=1 runs it
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_bench_script_runs_at_smoke_size(runs, name):
     out, code = runs[name]

@@ -167,3 +167,30 @@ def test_unknown_option_values_are_refused():
         UNet3D(cfg, rngs=InitKeys(0))
     with pytest.raises(ValueError, match="unknown variant"):
         load_config("configs/animatediff_sd15.py:variant=v4")
+
+
+def test_upsample_conv_equals_torch_nearest_upsample_then_conv():
+    """Upsample computes conv3x3(nearest 2x(x)) on the low-resolution grid, one 2x2 convolution per output phase:
+    values and gradients (input, kernel, bias) equal torch's F.interpolate + F.conv2d on odd, non-square frames."""
+    import torch.nn.functional as F
+
+    from vdjax.layers.resnet import upsample_conv
+
+    rng = np.random.default_rng(0)
+    x, kernel, bias = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, 7, 6), (3, 3, 6, 4), (4,)))
+    weights = rng.standard_normal((2, 10, 14, 4)).astype(np.float32)  # a loss that weighs every output differently
+
+    def loss(x, kernel, bias):
+        return jnp.sum(upsample_conv(x, kernel, bias) * weights)
+
+    out = upsample_conv(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
+    tx, tk, tb = (torch.tensor(a, requires_grad=True) for a in (x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1),
+                                                                bias))
+    ref = F.conv2d(F.interpolate(tx, scale_factor=2.0, mode="nearest"), tk, tb, padding=1)
+    (ref * torch.from_numpy(weights.transpose(0, 3, 1, 2))).sum().backward()
+    assert out.shape == (2, 10, 14, 4)
+    assert max_abs_error(out, ref.detach().numpy().transpose(0, 2, 3, 1)) < 1e-5
+    for ours, theirs in zip(grads, (tx.grad.numpy().transpose(0, 2, 3, 1), tk.grad.numpy().transpose(2, 3, 1, 0),
+                                    tb.grad.numpy())):
+        assert max_abs_error(ours, theirs) < 1e-4 * max(1.0, float(np.abs(theirs).max()))

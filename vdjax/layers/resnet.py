@@ -56,10 +56,36 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour 2x, then a 3x3 convolution."""
+    """Nearest-neighbour 2x, then a 3x3 convolution: computed on the low-resolution input, as one 2x2 convolution per
+    output phase (`upsample_conv`), 2.25x fewer multiplies than convolving the upsampled tensor and never building it.
+    """
 
     def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.conv = conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        return upsample_conv(x, self.conv.kernel[...], self.conv.bias[...], dtype=self.conv.dtype)
+
+
+def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """A 3-tap kernel axis seen from the low-resolution grid: even output rows 2i read upsampled rows 2i-1, 2i, 2i+1
+    = input rows i-1, i, i (taps [k0, k1 + k2]); odd rows 2i+1 read i, i, i+1 (taps [k0 + k1, k2])."""
+    k0, k1, k2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    return jnp.stack([k0, k1 + k2], axis), jnp.stack([k0 + k1, k2], axis)
+
+
+def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+    """conv3x3(nearest_upsample_2x(x)) with padding 1, for x (N, H, W, C) and an HWIO kernel -> (N, 2H, 2W, C').
+
+    The four output phases (row parity a, column parity b) are 2x2 convolutions of the zero-padded input; one VALID
+    convolution computes all four as 4 C' output channels, phase (a, b) at offset (a, b) of its (H+1, W+1) output.
+    """
+    n, h, w, _ = x.shape
+    out = kernel.shape[-1]
+    phases = [k_ab for k_a in _phase_taps(kernel, 0) for k_ab in _phase_taps(k_a, 1)]  # (a, b) = 00, 01, 10, 11
+    k = jnp.concatenate(phases, axis=-1).astype(dtype)  # (2, 2, C, 4 C'): summed in the parameters' precision
+    x = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(n, h + 1, w + 1, 2, 2, out)
+    rows = [jnp.stack([y[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3) for a in range(2)]  # (N, H, W, 2, C')
+    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, out) + bias.astype(dtype)

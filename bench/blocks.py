@@ -1,7 +1,7 @@
 """The UNet's building blocks one at a time, vdjax (XLA) vs PyTorch: where a whole-model gap (bench/unet.py) comes from.
 
-    python bench/kernels.py                       # the workload of this machine's backend; appends to BENCHMARKS.md
-    python bench/kernels.py --size=smoke --no-append
+    python bench/blocks.py                       # the workload of this machine's backend; appends to BENCHMARKS.md
+    python bench/blocks.py --size=smoke --no-append
 
 Each kernel is the vdjax layer the UNet runs (vdjax.layers: primitives.conv2d, GroupNorm + SiLU, LayerNorm + Linear,
 attention with attention_impl 'auto' or bench's GPU pick), jitted alone, against the torch ops diffusers calls for it
@@ -40,7 +40,7 @@ WORKLOADS = {
 }
 
 
-def kernels(w: Workload, attention: str):
+def blocks(w: Workload, attention: str):
     """name -> (vdjax fn, torch fn, (vdjax inputs, torch inputs), FLOPs or None, the axes that put vdjax's output in
     torch's layout: NHWC -> NCHW, attention's (n, tokens, heads, width) -> (n, heads, tokens, width))."""
     import jax
@@ -112,9 +112,9 @@ def main(argv=None):
 
     import torch
 
-    print(f"kernels ({args.size}): {w.describe()}")
+    print(f"blocks ({args.size}): {w.describe()}")
     rows, errors = [], []
-    table, device = kernels(w, attention)
+    table, device = blocks(w, attention)
     for name, (ours, theirs, (jax_in, torch_in), flop, axes) in table.items():
         def run_vdjax():
             return ours(*jax_in).block_until_ready()
@@ -135,7 +135,7 @@ def main(argv=None):
             rows.append([name, impl, f"{1e3 * timing.median:.2f}", f"{1e3 * min(timing.times):.2f}–"
                          f"{1e3 * max(timing.times):.2f}", f"{ratio:.2f}" if impl == "vdjax" else "1", rate])
     common.report(
-        args, f"kernels: the UNet's building blocks, vdjax vs torch ({args.size} workload)",
+        args, f"blocks: the UNet's building blocks, vdjax vs torch ({args.size} workload)",
         [f"workload: {w.describe()}; vdjax attention `{attention}`, torch SDPA",
          "each kernel jitted alone (vdjax) or eager (torch); GFLOP/s from the kernel's own FLOP count (dots and "
          "convolutions only)", "check (max abs difference): " + "; ".join(errors)],
