@@ -50,10 +50,11 @@ def make_batches(config, tokenize):
     pipeline. All resumable."""
     d, t = config.data, config.train
     with_mask = bool(config.unet.get("subject", {}).get("channels", 0))  # MagDiff: the subject masks too
+    masks = dict(with_mask=with_mask, with_frame_masks=t.get("subject_loss_weight", 0.0) > 0)  # and per frame
     if d.source == "moving_shapes":
         source = MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=t.seed)
         return BatchStream(source, global_batch=t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
-                           tokenize=tokenize, with_mask=with_mask)
+                           tokenize=tokenize, **masks)
     if d.source in ("video_folder", "tfds"):
         if t.batch_size % jax.process_count():
             raise ValueError(f"train.batch_size {t.batch_size} does not split over {jax.process_count()} hosts")
@@ -65,7 +66,7 @@ def make_batches(config, tokenize):
         dataset = make_dataset(source, batch_size=t.batch_size // jax.process_count(), num_frames=d.num_frames,
                                size=d.size, seed=t.seed, frame_stride=d.frame_stride,
                                caption_dropout=t.caption_dropout)
-        return TokenizedBatches(iter(dataset), tokenize, with_mask=with_mask)
+        return TokenizedBatches(iter(dataset), tokenize, **masks)
     raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes', 'video_folder' or 'tfds'")
 
 

@@ -75,6 +75,50 @@ def test_max_timestep_bounds_the_training_timesteps(pipe, trainer):
         Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
 
 
+def test_subject_loss_weight_weighs_the_subject_blocks(pipe, trainer):
+    """train.subject_loss_weight = w: the squared error is a weighted mean, 1 + w on latent pixels whose block of
+    the frame's subject mask has any subject. Uniform masks (none, or all subject) give the plain mean's loss."""
+    config = pipe.config.copy_and_resolve_references()
+    config.train.subject_loss_weight = 4.0
+    weighted = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+    masks = np.zeros((2, 4, 32, 32), np.float32)
+    masks[1, 2, 9, 30] = 1.0  # one subject pixel: its latent block only
+    factor = pipe.vae.downsampling_factor
+    weights = np.asarray(weighted._loss_weights({"frame_masks": masks}, (2, 4, 32 // factor, 32 // factor, 4)))
+    expected = np.ones((2, 4, 32 // factor, 32 // factor, 1), np.float32)
+    expected[1, 2, 9 // factor, 30 // factor] = 5.0
+    np.testing.assert_array_equal(weights, expected)
+
+    def loss(t, batch):
+        return float(t.step(t.init(0), batch)[1]["loss"])
+
+    plain = loss(trainer, _batch(7))
+    for uniform in (np.zeros_like(masks), np.ones_like(masks)):
+        assert abs(loss(weighted, dict(_batch(7), frame_masks=uniform)) - plain) < 1e-6 * plain
+    half = np.zeros_like(masks)
+    half[..., :16] = 1.0
+    assert abs(loss(weighted, dict(_batch(7), frame_masks=half)) - plain) > 1e-4 * plain
+    with pytest.raises(ValueError, match="needs 'frame_masks'"):
+        weighted.step(weighted.init(0), _batch(7))
+    config.train.subject_loss_weight = -1.0
+    with pytest.raises(ValueError, match="subject_loss_weight=-1.0"):
+        Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+
+
+def test_the_stream_gives_every_frame_s_subject_mask_when_asked():
+    from vdjax.data.moving_shapes import MovingShapes
+    from vdjax.train.feed import BatchStream
+
+    source = MovingShapes(4, num_frames=3, size=16)
+    stream = BatchStream(source, global_batch=2, seed=0, tokenize=lambda c: np.zeros((len(c), 77)),
+                         process_index=0, process_count=1, with_frame_masks=True)
+    batch = next(stream)
+    assert "mask" not in batch and batch["frame_masks"].shape == (2, 3, 16, 16)
+    rows = stream._indices(0)
+    np.testing.assert_array_equal(batch["frame_masks"], np.stack([source[int(i)]["mask"] for i in rows]))
+    assert "frame_masks" not in next(BatchStream(source, global_batch=2, seed=0, tokenize=stream.tokenize))
+
+
 def test_a_mesh_that_does_not_fit_the_devices_is_refused():
     # A batch that does not split over the mesh is checked on 8 devices in the sharded test below.
     from vdjax import parallel

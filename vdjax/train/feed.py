@@ -15,9 +15,10 @@ import numpy as np
 class BatchStream:
     def __init__(self, source: Sequence[dict], *, global_batch: int, seed: int, tokenize: Callable,
                  caption_dropout: float = 0.0, process_index: int | None = None, process_count: int | None = None,
-                 with_mask: bool = False):
+                 with_mask: bool = False, with_frame_masks: bool = False):
         self.source, self.seed, self.tokenize, self.dropout = source, seed, tokenize, caption_dropout
         self.with_mask = with_mask  # MagDiff: the first frame's subject mask as batch['mask'] (B, H, W)
+        self.with_frame_masks = with_frame_masks  # every frame's, as batch['frame_masks'] (B, F, H, W)
         self.count = jax.process_count() if process_count is None else process_count
         self.index = jax.process_index() if process_index is None else process_index
         if len(source) == 0:
@@ -60,15 +61,18 @@ class BatchStream:
         batch = {"video": video, "input_ids": np.asarray(self.tokenize(captions), np.int32)}
         if self.with_mask:
             batch["mask"] = np.stack([e["mask"][0] for e in examples]).astype(np.float32)
+        if self.with_frame_masks:
+            batch["frame_masks"] = np.stack([e["mask"] for e in examples]).astype(np.float32)
         return batch
 
 
 class TokenizedBatches:
-    """A grain iterator of vdjax.data.pipeline batches -> the trainer's {'video', 'input_ids'[, 'mask']}, with its
-    get_state/set_state passed through, so checkpoints resume the data stream too."""
+    """A grain iterator of vdjax.data.pipeline batches -> the trainer's {'video', 'input_ids'[, 'mask',
+    'frame_masks']}, with its get_state/set_state passed through, so checkpoints resume the data stream too."""
 
-    def __init__(self, iterator, tokenize: Callable, with_mask: bool = False):
+    def __init__(self, iterator, tokenize: Callable, with_mask: bool = False, with_frame_masks: bool = False):
         self.iterator, self.tokenize, self.with_mask = iterator, tokenize, with_mask
+        self.with_frame_masks = with_frame_masks
 
     def get_state(self) -> dict:
         return self.iterator.get_state()
@@ -85,4 +89,6 @@ class TokenizedBatches:
                "input_ids": np.asarray(self.tokenize(list(batch["caption"])), np.int32)}
         if self.with_mask:  # rows without a mask have all ones: the whole frame is the subject
             out["mask"] = np.asarray(batch["mask"][:, 0], np.float32)
+        if self.with_frame_masks:
+            out["frame_masks"] = np.asarray(batch["mask"], np.float32)
         return out

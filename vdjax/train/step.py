@@ -3,7 +3,9 @@
 Noise-prediction loss on VAE latents of the batch's videos (frozen VAE and text encoder inside the step), epsilon
 or v target per the family's schedule; gradients only for the trainable parameters; AdamW; EMA. Image-conditioned
 families embed the clip's first frame (MagDiff: its subject, the first frame outside batch['mask'] black, also as
-the HFA pyramid latents).
+the HFA pyramid latents). With train.subject_loss_weight = w > 0 the squared error is a weighted mean, 1 + w on
+the latent pixels that batch['frame_masks'] marks as subject (a shape anywhere in the VAE factor's block): small
+subjects on a large, easy background get the model's capacity.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ class Trainer:
         if not 0 < self.max_timestep <= len(self.alphas_cumprod):
             raise ValueError(f"train.max_timestep={cfg.train.max_timestep}; use 1 to {len(self.alphas_cumprod)} "
                              "(or 0 for the whole schedule)")
+        self.subject_loss_weight = float(cfg.train.get("subject_loss_weight", 0.0))
+        if self.subject_loss_weight < 0:
+            raise ValueError(f"train.subject_loss_weight={self.subject_loss_weight}; use 0 (a plain mean) or more")
         if cfg.train.remat not in REMAT:
             raise ValueError(f"train.remat={cfg.train.remat!r}; choose one of {sorted(REMAT)}")
         self.mesh = self.mesh or parallel.make_mesh(dict(cfg.train.mesh))
@@ -138,6 +143,19 @@ class Trainer:
         """Uniform training timesteps in [0, max_timestep)."""
         return jax.random.randint(key, (batch,), 0, self.max_timestep)
 
+    def _loss_weights(self, batch: dict, latent_shape) -> jax.Array | None:
+        """(B, F, h, w, 1): 1 + subject_loss_weight where a block of the frame's subject mask has any subject."""
+        if not self.subject_loss_weight:
+            return None
+        if "frame_masks" not in batch:
+            raise ValueError("train.subject_loss_weight > 0 weighs the loss by the clips' subject masks: the batch "
+                             "needs 'frame_masks' (B, F, H, W) — launch/train.py asks the data for them")
+        masks = batch["frame_masks"]
+        b, f, h, w = latent_shape[:4]
+        factor = masks.shape[2] // h
+        blocks = masks.reshape(b, f, h, factor, w, factor).max(axis=(3, 5))
+        return (1.0 + self.subject_loss_weight * blocks)[..., None]
+
     def _step_fn(self, state, frozen, vae_state, text_state, image_state, batch):
         from vdjax.pipelines.t2v import encode_text
         cfg = self.config
@@ -178,14 +196,17 @@ class Trainer:
         else:
             raise ValueError(f"training supports epsilon and v_prediction, not {cfg.schedule.prediction_type!r}")
 
+        weights = self._loss_weights(batch, z.shape)
+        start = 1 if first_clean else 0
+        weights = None if weights is None else weights[:, start:]
+
         def loss_fn(trainable):
             unet = nnx.merge(self.graphdef, trainable, frozen)
             pred = unet(noisy, t, context, fps=fps, **extras)
-            if first_clean:
-                pred, target_ = pred[:, 1:], target[:, 1:]
-            else:
-                target_ = target
-            return jnp.mean(jnp.square(pred - target_))
+            error = jnp.square(pred[:, start:] - target[:, start:])
+            if weights is None:
+                return jnp.mean(error)
+            return jnp.sum(weights * error) / (jnp.sum(weights) * error.shape[-1])
 
         policy = REMAT[cfg.train.remat]
         if policy is not None:
