@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -17,7 +18,11 @@ SCRIPTS = ("unet", "sample", "vae", "train_step", "blocks")
 
 
 def test_no_bench_module_shadows_an_installed_package():
-    shadowing = [p.name for p in sorted((ROOT / "bench").glob("*.py")) if importlib.util.find_spec(p.stem)]
+    def installed(name):  # found outside the repository (tests may have put launch/ on sys.path)
+        spec = importlib.util.find_spec(name)
+        return spec is not None and ROOT not in pathlib.Path(spec.origin or "").resolve().parents
+
+    shadowing = [p.name for p in sorted((ROOT / "bench").glob("*.py")) if installed(p.stem)]
     assert not shadowing, f"bench/{shadowing} hide installed packages of the same name from the scripts: rename them"
 
 
