@@ -4,7 +4,7 @@ with --no-append. Their module names must not shadow installed packages (a scrip
 sys.path: bench/kernels.py once hid the `kernels` package that transformers needs, and diffusers failed to import)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import os
 import pathlib
 import subprocess
@@ -18,9 +18,14 @@ SCRIPTS = ("unet", "sample", "vae", "train_step", "blocks")
 
 
 def test_no_bench_module_shadows_an_installed_package():
-    def installed(name):  # found outside the repository (tests may have put launch/ on sys.path)
-        spec = importlib.util.find_spec(name)
-        return spec is not None and ROOT not in pathlib.Path(spec.origin or "").resolve().parents
+    def in_repository(folder):
+        folder = pathlib.Path(folder or ".").resolve()
+        return folder == ROOT or ROOT in folder.parents
+
+    outside = [p for p in sys.path if not in_repository(p)]  # tests may have put launch/ on sys.path
+
+    def installed(name):
+        return name in sys.builtin_module_names or importlib.machinery.PathFinder.find_spec(name, outside) is not None
 
     shadowing = [p.name for p in sorted((ROOT / "bench").glob("*.py")) if installed(p.stem)]
     assert not shadowing, f"bench/{shadowing} hide installed packages of the same name from the scripts: rename them"
