@@ -1,6 +1,7 @@
 """Multi-head attention: one `attention` function with a selectable implementation, and the projection module."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -82,44 +83,122 @@ def _splash(q, k, v, causal=False):
 BLOCK_BYTES = 4 << 20  # float32 logits per block: a few MB stay in a CPU core's cache
 
 
+def _block_plan(t: int, s: int) -> tuple[int, int]:
+    """(query rows per block, sequences per block) for t queries over s keys: all the queries, halved while one
+    sequence's logits exceed BLOCK_BYTES; then as many sequences as fit."""
+    q_rows = t
+    while q_rows * s * 4 > BLOCK_BYTES and q_rows % 2 == 0:
+        q_rows //= 2
+    return q_rows, max(1, BLOCK_BYTES // (q_rows * s * 4))
+
+
+def _per_sequence(fn, args: tuple, per_block: int):
+    """fn over the leading (sequence) axis of every array in args, per_block sequences at a time: one vmap where they
+    all fit, else a loop of vmaps (lax.map)."""
+    if per_block >= args[0].shape[0]:
+        return jax.vmap(fn)(*args)
+    return jax.lax.map(lambda a: fn(*a), args, batch_size=per_block)
+
+
+def _logits(q, k, rows, causal: bool):
+    """(r, d) queries at positions `rows`, (s, d) keys -> (r, s) float32 scaled logits (-inf where causal hides)."""
+    logits = jnp.einsum("qd,sd->qs", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if causal:
+        logits = jnp.where(rows[:, None] >= jnp.arange(k.shape[0])[None, :], logits, -jnp.inf)
+    return logits
+
+
+def _sequence_forward(q, k, v, causal: bool):
+    """One sequence: q (chunks, r, d), k, v (s, d) -> out (chunks, r, d), logsumexp of the logits (chunks, r)."""
+    r = q.shape[1]
+
+    def chunk(args):
+        c, qc = args
+        logits = _logits(qc, k, c * r + jnp.arange(r), causal)
+        top = logits.max(-1, keepdims=True)
+        p = jnp.exp(logits - top)
+        total = p.sum(-1, keepdims=True)
+        out = jnp.einsum("qs,sd->qd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (out / total).astype(q.dtype), (top + jnp.log(total))[:, 0]  # normalised after PV: d values, not s
+
+    return jax.lax.map(chunk, (jnp.arange(q.shape[0]), q))
+
+
+def _transposed_product(a, b):
+    """a (q, d), b (q, s) -> a^T b (d, s) in float32. XLA's CPU dot contracting both operands' leading axis is slow
+    as "qs,qd->sd" (6x this layout at 256 tokens) and, for frames-long sequences, in any layout: there a broadcast
+    product and sum runs 4-5x faster."""
+    if a.shape[0] * b.shape[1] <= 256:
+        return jnp.sum(a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[:, None, :], axis=0)
+    return jnp.einsum("qd,qs->ds", a, b, preferred_element_type=jnp.float32)
+
+
+def _sequence_backward(q, k, v, out, lse, g, causal: bool):
+    """The gradients of one sequence, the logits recomputed per chunk from the saved logsumexp (flash attention's
+    backward): nothing of size (queries, keys) outlives its chunk."""
+    r, scale = q.shape[1], q.shape[-1] ** -0.5
+    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (chunks, r): rowsum(dO * O)
+
+    def chunk(carry, args):
+        dk, dv = carry
+        c, qc, lc, gc, dc = args
+        p = jnp.exp(_logits(qc, k, c * r + jnp.arange(r), causal) - lc[:, None])
+        # dK and dV are accumulated transposed, (d, s): see _transposed_product.
+        dv = dv + _transposed_product(gc, p.astype(gc.dtype))
+        dp = jnp.einsum("qd,sd->qs", gc, v, preferred_element_type=jnp.float32)
+        ds = p * (dp - dc[:, None]) * scale
+        dq = jnp.einsum("qs,sd->qd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dk = dk + _transposed_product(qc, ds.astype(qc.dtype))
+        return (dk, dv), dq.astype(q.dtype)
+
+    zeros = jnp.zeros(k.shape[::-1], jnp.float32)
+    (dk, dv), dq = jax.lax.scan(chunk, (zeros, zeros), (jnp.arange(q.shape[0]), q, lse, g, delta))
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)  # dK, dV as (d, s)
+
+
+def _heads_first(x, chunks: int = 1):
+    """(b, tokens, n, d) -> (b * n, chunks, tokens / chunks, d), or (b * n, tokens, d) with chunks=None."""
+    b, tokens, n, d = x.shape
+    x = x.transpose(0, 2, 1, 3)
+    return x.reshape(b * n, tokens, d) if chunks is None else x.reshape(b * n, chunks, tokens // chunks, d)
+
+
+def _tokens_first(x, b: int, n: int):
+    """The inverse of _heads_first: (b * n, [chunks,] rows, d) -> (b, tokens, n, d)."""
+    d = x.shape[-1]
+    return x.reshape(b, n, -1, d).transpose(0, 2, 1, 3)
+
+
+def _blocked_forward(q, k, v, causal: bool):
+    b, t, n, _ = q.shape
+    q_rows, per_block = _block_plan(t, k.shape[1])
+    qh, kh, vh = _heads_first(q, t // q_rows), _heads_first(k, None), _heads_first(v, None)
+    out, lse = _per_sequence(lambda q, k, v: _sequence_forward(q, k, v, causal), (qh, kh, vh), per_block)
+    return _tokens_first(out, b, n), (qh, kh, vh, out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blocked(q, k, v, causal=False):
     """Attention a block of (batch x head) sequences at a time, each block's logits sized to stay in cache.
 
     XLA's CPU backend writes the whole (B, heads, T, S) logits to memory and reads them back for the softmax: at
     32x32 latents that is 1 GB per self-attention and 10x slower than torch's fused CPU kernel. Looping over
-    cache-sized blocks (lax.map) keeps the softmax in cache; inputs small enough for one block take no loop."""
-    b, t, n, d = q.shape
-    s = k.shape[1]
-    q_rows = t  # queries per block: all of them, halved while one sequence's logits exceed the budget
-    while q_rows * s * 4 > BLOCK_BYTES and q_rows % 2 == 0:
-        q_rows //= 2
-    per_block = max(1, BLOCK_BYTES // (q_rows * s * 4))
-    mask = jnp.tril(jnp.ones((t, s), bool)) if causal else None
+    cache-sized blocks (lax.map) keeps the softmax in cache. The backward pass goes block by block too, from the
+    saved logsumexp (autodiff through the loops would store every block's probabilities: 2.5-3.5x slower)."""
+    return _blocked_forward(q, k, v, causal)[0]
 
-    def attend(qq, kk, vv, rows):  # (..., r, d), (..., s, d), (..., s, d); rows: the queries' positions
-        logits = jnp.einsum("...qd,...sd->...qs", qq, kk, preferred_element_type=jnp.float32) * d ** -0.5
-        if mask is not None:
-            logits = jnp.where(mask[rows], logits, -jnp.inf)
-        p = jnp.exp(logits - logits.max(-1, keepdims=True))
-        out = jnp.einsum("...qs,...sd->...qd", p.astype(v.dtype), vv, preferred_element_type=jnp.float32)
-        return (out / p.sum(-1, keepdims=True)).astype(q.dtype)  # normalised after PV: d values, not s
 
-    def heads_first(x):
-        return x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d)
+def _blocked_bwd(causal, residuals, g):
+    qh, kh, vh, out, lse = residuals
+    b, n = g.shape[0], g.shape[2]
+    _, per_block = _block_plan(g.shape[1], kh.shape[1])
+    gh = _heads_first(g, qh.shape[1])
+    dq, dk, dv = _per_sequence(lambda *a: _sequence_backward(*a, causal), (qh, kh, vh, out, lse, gh), per_block)
+    dk, dv = (_tokens_first(x.swapaxes(1, 2), b, n) for x in (dk, dv))  # transposed here, outside the loops
+    return _tokens_first(dq, b, n), dk, dv
 
-    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
-    if q_rows == t and per_block >= b * n:
-        out = attend(qh, kh, vh, jnp.arange(t))
-    else:
-        chunks = t // q_rows
-        qh = qh.reshape(b * n, chunks, q_rows, d)
 
-        def sequence(args):
-            qs, kk, vv = args
-            return jax.lax.map(lambda c: attend(qs[c], kk, vv, c * q_rows + jnp.arange(q_rows)), jnp.arange(chunks))
-
-        out = jax.lax.map(sequence, (qh, kh, vh), batch_size=min(per_block, b * n))
-    return out.reshape(b, n, t, d).transpose(0, 2, 1, 3)
+_blocked.defvjp(_blocked_forward, _blocked_bwd)  # forward: (out, residuals)
 
 
 def resolve(impl: str) -> str:
