@@ -184,7 +184,7 @@ def _blocked(q, k, v, causal=False):
     XLA's CPU backend writes the whole (B, heads, T, S) logits to memory and reads them back for the softmax: at
     32x32 latents that is 1 GB per self-attention and 10x slower than torch's fused CPU kernel. Looping over
     cache-sized blocks (lax.map) keeps the softmax in cache. The backward pass goes block by block too, from the
-    saved logsumexp (autodiff through the loops stored every block's probabilities: forward + backward 1.2-7x slower)."""
+    saved logsumexp (autodiff through the loops stored every block's probabilities: fwd + bwd 1.2-7x slower)."""
     return _blocked_forward(q, k, v, causal)[0]
 
 
