@@ -156,7 +156,7 @@ def _sequence_backward(q, k, v, out, lse, g, causal: bool):
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)  # dK, dV as (d, s)
 
 
-def _heads_first(x, chunks: int = 1):
+def _heads_first(x, chunks: int | None):
     """(b, tokens, n, d) -> (b * n, chunks, tokens / chunks, d), or (b * n, tokens, d) with chunks=None."""
     b, tokens, n, d = x.shape
     x = x.transpose(0, 2, 1, 3)
