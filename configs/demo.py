@@ -46,7 +46,7 @@ import pathlib
 import ml_collections
 
 STAGES = ("unet", "vae")
-FACTORS = ("4", "2")  # the VAE's downsampling: 4 (the shipped weights), 2 (16x16 latents: not trained to the end yet)
+FACTORS = ("4", "2")  # the VAE's downsampling: 4 (the shipped weights), 2 (16x16 latents: tried, not shipped)
 # assets/demo/first_frame.png = make_clip(0, num_frames=8, size=32, seed=1)["first_frame"]; its caption:
 DEMO_PROMPT = "a white circle moving left and a blue triangle moving left"
 
