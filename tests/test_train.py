@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, max_abs_error
 from vdjax.pipelines.t2v import T2VPipeline
 from vdjax.train.step import Trainer
 
@@ -61,6 +61,21 @@ def test_only_the_motion_modules_train(trainer):
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frozen_before, jax.tree.leaves(trainer.frozen)))
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(trainable_before, jax.tree.leaves(state.trainable)))
     assert int(state.step) == 3
+
+
+def test_rematerialised_steps_equal_the_plain_step(pipe, trainer):
+    """train.remat full/dots (each UNet layer recomputed in the backward pass, frozen parameters included) give the
+    step that none gives."""
+    state = trainer.init(0)
+    expected, _ = trainer.step(state, _batch())
+    for remat in ("full", "dots"):
+        config = pipe.config.copy_and_resolve_references()
+        config.train.remat = remat
+        other = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+        got, _ = other.step(other.init(0), _batch())
+        leaves = zip(jax.tree.leaves(got.trainable), jax.tree.leaves(expected.trainable))
+        errors = [max_abs_error(a, b) for a, b in leaves]
+        assert max(errors) <= 1e-6, (remat, max(errors))
 
 
 def test_max_timestep_bounds_the_training_timesteps(pipe, trainer):

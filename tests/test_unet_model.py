@@ -115,6 +115,29 @@ def test_jitted_forward_compiles_once_per_shape(tiny):
     assert len(traces) == 2
 
 
+def test_rematerialisation_keeps_the_gradients_and_saves_less(tiny):
+    """`remat` recomputes each layer in the backward pass: the gradients are unchanged, and what the forward pass keeps
+    for the backward pass (the residuals jax.vjp holds) shrinks to the layers' inputs. (A checkpoint around the whole
+    loss, as the Trainer once had, keeps only the inputs too, but its backward pass then recomputes the whole forward
+    pass and holds all of it.) XLA's CPU backend does not show the saving in its temporaries (the same with and
+    without); BENCHMARKS.md's GPU train_step runs measure it."""
+    _, model = tiny
+    graphdef, params = nnx.split(model)
+    x, t, c = _inputs()
+    policies = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    kept, grads = {}, {}
+    for name, policy in policies.items():
+        loss = lambda p: jnp.mean(jnp.square(nnx.merge(graphdef, p)(x, t, c, remat=policy)))
+        _, backward = jax.jit(lambda p: jax.vjp(loss, p))(params)  # a pytree of the residuals
+        kept[name] = sum(a.nbytes for a in jax.tree.leaves(backward)) - sum(a.nbytes for a in jax.tree.leaves(params))
+        grads[name] = jax.tree.leaves(backward(jnp.ones(()))[0])
+    print(f"residuals kept for the backward pass (bytes): {kept}")
+    for name in ("full", "dots"):
+        assert max(max_abs_error(a, b) for a, b in zip(grads[name], grads["none"])) <= 1e-6, name
+    assert kept["full"] < 0.1 * kept["none"] and kept["dots"] < 0.5 * kept["none"], kept
+
+
 def test_zero_initialised_motion_modules_leave_the_image_unet_unchanged():
     """A fresh motion module's proj_out is zero, so it starts as the identity (AnimateDiff's zero_initialize)."""
     video = UNet3D(load_config("configs/animatediff_sd15.py:variant=tiny_v2").unet, rngs=InitKeys(0))

@@ -10,7 +10,7 @@ until then.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -122,10 +122,10 @@ class DownBlock(nnx.Module):
         self.motion_modules = _motion_modules(cfg, out_ch, n, level, dtype, rngs)
         self.downsampler = None if last else Downsample(out_ch, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h, temb, context, num_frames):
+    def __call__(self, h, temb, context, num_frames, remat=None):
         skips = []
-        for j, resnet in enumerate(self.resnets):
-            h = _apply(self, j, resnet(h, temb), context, num_frames)
+        for j in range(len(self.resnets)):
+            h = _checkpointed(_layer(j, num_frames), remat, self, h, temb, context)
             skips.append(h)
         if self.downsampler is not None:
             h = self.downsampler(h)
@@ -143,10 +143,12 @@ class MidBlock(nnx.Module):
         self.attentions = _transformers(cfg, ch, last, 1, dtype, rngs)
         self.motion_modules = _motion_modules(cfg, ch, 1, last, dtype, rngs, mid=True) if cfg.motion.mid_block else None
 
-    def __call__(self, h, temb, context, num_frames):
-        h = _apply(self, 0, self.resnets[0](h, temb), context, num_frames)
-        h = self.resnets[1](h, temb)
-        return h if self.temporal_convs is None else self.temporal_convs[1](h, num_frames)
+    def __call__(self, h, temb, context, num_frames, remat=None):
+        def block(mid, h, temb, context):
+            h = _apply(mid, 0, mid.resnets[0](h, temb), context, num_frames)
+            h = mid.resnets[1](h, temb)
+            return h if mid.temporal_convs is None else mid.temporal_convs[1](h, num_frames)
+        return _checkpointed(block, remat, self, h, temb, context)
 
 
 class UpBlock(nnx.Module):
@@ -163,10 +165,10 @@ class UpBlock(nnx.Module):
         self.motion_modules = _motion_modules(cfg, out_ch, n, level, dtype, rngs)
         self.upsampler = None if last else Upsample(out_ch, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h, temb, context, num_frames, skips):
-        for j, resnet in enumerate(self.resnets):
-            h = resnet(jnp.concatenate([h, skips.pop()], axis=-1), temb)
-            h = _apply(self, j, h, context, num_frames)
+    def __call__(self, h, temb, context, num_frames, skips, remat=None):
+        for j in range(len(self.resnets)):
+            h = _checkpointed(_layer(j, num_frames), remat, self, jnp.concatenate([h, skips.pop()], axis=-1), temb,
+                              context)
         return h if self.upsampler is None else self.upsampler(h)
 
 
@@ -218,6 +220,19 @@ def _apply(block, j, h, context, num_frames):
     if block.motion_modules is not None:
         h = block.motion_modules[j](h, num_frames)
     return h
+
+
+def _layer(j, num_frames):
+    """A block's j-th layer as a function of the block: resnet, then _apply's temporal conv and transformers."""
+    return lambda block, h, temb, context: _apply(block, j, block.resnets[j](h, temb), context, num_frames)
+
+
+def _checkpointed(layer, remat, *args):
+    """layer(*args), its activations recomputed in the backward pass under the jax.checkpoint policy `remat` (None:
+    stored). One layer (resnet + transformers) at a time, as diffusers' gradient checkpointing: a checkpoint around
+    the whole UNet would recompute the forward pass and then hold all of it for the backward pass anyway. No graph
+    updates: the layers change no state, and a Trainer's frozen parameters belong to an outer trace."""
+    return layer(*args) if remat is None else nnx.remat(layer, policy=remat, graph_updates=False)(*args)
 
 
 def abstract_unet(config: Any) -> "UNet3D":
@@ -301,10 +316,11 @@ class UNet3D(nnx.Module):
         return subject[0] if self.subject_fusion is None else self.subject_fusion(subject)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-                 fps: jax.Array | None = None, subject=None) -> jax.Array:
+                 fps: jax.Array | None = None, subject=None, remat: Callable | None = None) -> jax.Array:
         """sample (B, F, H, W, C_in), timesteps (B,) or scalar, context (B, S, D), fps (B,) or scalar (models with
         fps conditioning), subject (MagDiff: the subject image's pyramid latents, see `subject_latent`)
-        -> (B, F, H, W, C_out) float32."""
+        -> (B, F, H, W, C_out) float32. `remat`: a jax.checkpoint policy (e.g. jax.checkpoint_policies
+        .nothing_saveable) under which each layer's activations are recomputed in the backward pass (training)."""
         self.check_inputs(sample.shape, context.shape)
         b, frames, hgt, wid, _ = sample.shape
         cfg = self.config
@@ -333,11 +349,11 @@ class UNet3D(nnx.Module):
             h = self.init_attention(h, frames)
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, temb, context, frames)
+            h, block_skips = block(h, temb, context, frames, remat)
             skips += block_skips
-        h = self.mid_block(h, temb, context, frames)
+        h = self.mid_block(h, temb, context, frames, remat)
         for block in self.up_blocks:
-            h = block(h, temb, context, frames, skips)
+            h = block(h, temb, context, frames, skips, remat)
         if cfg.resnet_norm_scope == "clip":
             h = self.conv_norm_out(h.reshape(b, -1, h.shape[-1])).reshape(h.shape)
         else:

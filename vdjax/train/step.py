@@ -202,15 +202,12 @@ class Trainer:
 
         def loss_fn(trainable):
             unet = nnx.merge(self.graphdef, trainable, frozen)
-            pred = unet(noisy, t, context, fps=fps, **extras)
+            pred = unet(noisy, t, context, fps=fps, remat=REMAT[cfg.train.remat], **extras)
             error = jnp.square(pred[:, start:] - target[:, start:])
             if weights is None:
                 return jnp.mean(error)
             return jnp.sum(weights * error) / (jnp.sum(weights) * error.shape[-1])
 
-        policy = REMAT[cfg.train.remat]
-        if policy is not None:
-            loss_fn = jax.checkpoint(loss_fn, policy=policy)
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
