@@ -16,6 +16,7 @@ from conftest import load_config, max_abs_error, randomize_nnx
 from vdjax.convert.animatediff import is_motion_param, motion_key
 from vdjax.models.unet3d import UNet3D, abstract_unet
 from vdjax.layers.primitives import InitKeys
+from vdjax.train.step import REMAT
 
 MANIFESTS = pathlib.Path(__file__).parent / "fixtures" / "manifests"
 
@@ -120,14 +121,12 @@ def test_rematerialisation_keeps_the_gradients_and_saves_less(tiny):
     for the backward pass (the residuals jax.vjp holds) shrinks to the layers' inputs. (A checkpoint around the whole
     loss, as the Trainer once had, keeps only the inputs too, but its backward pass then recomputes the whole forward
     pass and holds all of it.) XLA's CPU backend does not show the saving in its temporaries (the same with and
-    without); BENCHMARKS.md's GPU train_step runs measure it."""
+    without); `python bench/train_step.py` on a GPU is to measure it."""
     _, model = tiny
     graphdef, params = nnx.split(model)
     x, t, c = _inputs()
-    policies = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     kept, grads = {}, {}
-    for name, policy in policies.items():
+    for name, policy in REMAT.items():  # config.train.remat's policies
         loss = lambda p: jnp.mean(jnp.square(nnx.merge(graphdef, p)(x, t, c, remat=policy)))
         _, backward = jax.jit(lambda p: jax.vjp(loss, p))(params)  # a pytree of the residuals
         kept[name] = sum(a.nbytes for a in jax.tree.leaves(backward)) - sum(a.nbytes for a in jax.tree.leaves(params))
