@@ -4,6 +4,7 @@ consistency (vdjax/data/shape_measures.py), per clip and on average. assets/demo
     python launch/measure_demo.py                                   # the shipped weights, 16 clips of seed 1
     python launch/measure_demo.py --checkpoint=runs/demo_unet/model --clips=32
     python launch/measure_demo.py --start_step=0 --keep_prob=0.5    # other Frame Similarity Prior settings
+    python launch/measure_demo.py --guidance_scale=5                # other classifier-free guidance
 
 Each clip's first frame and caption go through the same pipeline call as `launch/sample.py --config=configs/demo.py`
 (config.sample: steps, guidance, seed, frame prior, colour matching); clip i of seed 1 was never seen in training
@@ -22,6 +23,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", os.path.join(_ROOT, "assets", "d
 _CLIPS = flags.DEFINE_integer("clips", 16, "Held-out clips: make_clip(i, seed=1) for i < clips.")
 _START = flags.DEFINE_integer("start_step", None, "Override config.sample.frame_prior.start_step.")
 _KEEP = flags.DEFINE_float("keep_prob", None, "Override config.sample.frame_prior.keep_prob.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Override config.sample.guidance_scale.")
 
 
 def main(argv):
@@ -38,6 +40,8 @@ def main(argv):
         s.frame_prior.start_step = _START.value
     if _KEEP.value is not None:
         s.frame_prior.keep_prob = _KEEP.value
+    if _GUIDANCE.value is not None:
+        s.guidance_scale = _GUIDANCE.value
     clips = [make_clip(i, num_frames=s.num_frames, size=s.height, seed=1) for i in range(_CLIPS.value)]
     out = pipe([c["caption"] for c in clips], negative_prompt=s.negative_prompt, seed=s.seed,
                image=np.stack([c["first_frame"] for c in clips]), num_frames=s.num_frames, height=s.height,
@@ -50,7 +54,8 @@ def main(argv):
               f"  ({clip['caption']})")
     psnr, motion, consistency = np.mean(rows, axis=0)
     print(f"mean over {len(rows)} clips: psnr {psnr:.1f} dB, motion {motion:.1f} px, consistency {consistency:.2f} "
-          f"(frame prior start_step {s.frame_prior.start_step}, keep_prob {s.frame_prior.keep_prob})")
+          f"(frame prior start_step {s.frame_prior.start_step}, keep_prob {s.frame_prior.keep_prob}, guidance "
+          f"{s.guidance_scale})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ one machine: --distributed --coordinator=127.0.0.1:1234 --num_processes=2 --proc
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -34,6 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the run's config go here.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Start from a converted model folder (launch/convert.py); "
                                   "default: random initialisation.")
+_INIT = flags.DEFINE_list("init", [], "With --checkpoint: parts that start from random weights, as --config describes "
+                         "them, instead of from the folder (e.g. --init=unet: a new UNet on a trained VAE).")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Stop after this many steps (default: config.train.num_steps).")
 _EXPORT = flags.DEFINE_string("export", None, "At the end, write the EMA weights as a converted model folder here (what "
                               "launch/sample.py --checkpoint reads); a finished run only exports.")
@@ -70,6 +73,37 @@ def make_batches(config, tokenize):
     raise ValueError(f"config.data.source={d.source!r}; choose 'moving_shapes', 'video_folder' or 'tfds'")
 
 
+def load_pipeline(kind, config) -> T2VPipeline:
+    """--config's model: random, or --checkpoint's weights (less --init's parts) in the parts --config describes, so
+    that what trains, and what --export writes, is what --config says; a part that no longer fits the folder's
+    weights is refused before any training."""
+    if not _CHECKPOINT.value:
+        if _INIT.value:
+            raise app.UsageError("--init names parts to start from scratch instead of from --checkpoint; without "
+                                 "--checkpoint every part starts from scratch")
+        return kind.random_init(config, seed=config.train.seed)
+    from vdjax.convert import converted
+
+    try:
+        pipe = kind.from_converted(_CHECKPOINT.value, config=config, init=_INIT.value, seed=config.train.seed)
+    except (converted.CheckpointError, ValueError) as e:
+        raise app.UsageError(f"--checkpoint / --init: {e} (--init=PART starts that part from scratch)") from None
+    saved = converted.load_config(_CHECKPOINT.value)
+    differ = [f"{part}.{key}" for part in kind.PARTS if part not in _INIT.value
+              for key in sorted(set(config[part]) | set(saved.get(part, {})))
+              if _plain(config[part].get(key)) != _plain(saved.get(part, {}).get(key))]
+    if differ:
+        print(f"building the model as --config says; {_CHECKPOINT.value}/config.json differs in {', '.join(differ)}")
+    return pipe
+
+
+def _plain(value):
+    """Config values compared as JSON stores them (tuples as lists, sub-configs as dicts)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
 def make_sampler(pipe: T2VPipeline, trainer: Trainer, config):
     """state -> a uint8 sample video made with the run's EMA weights and config.sample's settings."""
     def sample(state):
@@ -101,8 +135,7 @@ def main(argv):
     config = _CONFIG.value
     os.makedirs(_WORKDIR.value, exist_ok=True)
     kind = pipeline_class(config)
-    pipe = (kind.from_converted(_CHECKPOINT.value) if _CHECKPOINT.value
-            else kind.random_init(config, seed=config.train.seed))
+    pipe = load_pipeline(kind, config)
     autoencoder = config.train.get("objective", "diffusion") == "autoencoder"  # the VAE alone (configs/demo.py)
     if autoencoder:
         from vdjax.train.autoencoder import AutoencoderTrainer

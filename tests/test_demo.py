@@ -74,7 +74,8 @@ def test_the_shipped_files(config):
 
 def test_factor_two_variant_has_16x16_latents():
     """configs/demo.py:factor=2 (the next candidate, assets/demo/README.md): its VAE maps the demo's 32x32 frames to
-    16x16 latents whose channels are the UNet's; an unknown factor is refused with the choices."""
+    16x16 latents whose channels are the UNet's, and its wide UNet takes them; an unknown factor or UNet is refused
+    with the choices."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -87,6 +88,12 @@ def test_factor_two_variant_has_16x16_latents():
     assert latents.shape == (1, 16, 16, config.unet.in_channels) and config.unet.out_channels == 4, latents.shape
     with pytest.raises(ValueError, match="choose one of 4, 2"):
         load_config("configs/demo.py:factor=3")
+    wide = load_config("configs/demo.py:factor=2,unet=wide")  # the UNet of 48/96 channels, attention at both levels
+    eps = jax.eval_shape(lambda: build_part("unet", wide, nnx.Rngs(0))(
+        jnp.zeros((1, 8, 16, 16, 4)), jnp.zeros((1,)), jnp.zeros((1, 77 + 16, wide.unet.cross_attention_dim))))
+    assert eps.shape == (1, 8, 16, 16, 4) and wide.unet.block_out_channels == (48, 96)
+    with pytest.raises(ValueError, match="choose one of tiny, wide"):
+        load_config("configs/demo.py:unet=huge")
 
 
 def test_frame_zero_is_the_input(sample):

@@ -371,6 +371,39 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
         Checkpoints(str(tmp_path), cfg)
 
 
+def _params(model):
+    return {path: np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_a_checkpoint_loads_into_the_model_the_config_describes(pipe, model_folder, tmp_path):
+    """launch/train.py --checkpoint builds what --config says and loads the folder's weights into it (before, the
+    folder's config.json silently won, and --export then wrote --config's next to weights of another shape). A
+    UNet of other widths is refused, naming the parameters, before any training; --init=unet starts it from scratch
+    while the other parts still load."""
+    from vdjax.convert.converted import CheckpointError
+
+    cfg = load_config(SPEC)
+    cfg.unet.norm_eps = 1e-3  # the same parameters, another model
+    loaded = T2VPipeline.from_converted(model_folder, config=cfg)
+    assert loaded.unet.config.norm_eps == 1e-3 and loaded.config.unet.norm_eps == 1e-3
+    assert all(np.array_equal(v, _params(pipe.unet)[k]) for k, v in _params(loaded.unet).items())
+
+    cfg.unet.block_out_channels = tuple(2 * c for c in cfg.unet.block_out_channels)
+    with pytest.raises(CheckpointError, match=r"the unet the config describes does not fit.*conv_in\.kernel"):
+        T2VPipeline.from_converted(model_folder, config=cfg)
+    fresh = T2VPipeline.from_converted(model_folder, config=cfg, init=("unet",))
+    assert fresh.unet.conv_in.kernel.shape[-1] == cfg.unet.block_out_channels[0]
+    assert all(np.array_equal(v, _params(pipe.vae)[k]) for k, v in _params(fresh.vae).items())
+    with pytest.raises(ValueError, match="no part unte"):
+        T2VPipeline.from_converted(model_folder, init=("unte",))
+
+    wide = f"--config.unet.block_out_channels=({','.join(map(str, cfg.unet.block_out_channels))})"
+    result = subprocess.run(_train_cmd(tmp_path / "wide", model_folder, 1, wide), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "--init=PART" in result.stderr and "conv_in.kernel" in result.stderr
+    assert not (tmp_path / "wide" / "checkpoints").exists()
+
+
 def test_a_tiny_model_overfits_one_moving_shapes_clip(trainer):
     """Same clip and caption every step (timesteps and noise still random): the loss must fall by at least 1.5x
     within 60 steps — measured 1.8x (printed)."""

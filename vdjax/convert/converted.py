@@ -82,19 +82,27 @@ def load_config(folder: str) -> ml_collections.ConfigDict:
     return config
 
 
-def load(folder: str, *, parts=None, shardings_for=None) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, {part: model}) with each parameter restored straight into `shardings_for(abstract)`'s sharding."""
-    config = load_config(folder)
-    _tuples(config)
+def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, {part: model}) with each parameter restored straight into `shardings_for(abstract)`'s sharding.
+
+    The parts are built as the folder's config.json says, or as `config` says where one is given (a training run's
+    --config, which may change what does not change a parameter's shape); a part whose parameters then differ from
+    the folder's raises CheckpointError naming them."""
+    saved_config = load_config(folder)
+    _tuples(saved_config)
+    if config is None:
+        config = saved_config
     summary_path = os.path.join(folder, "summary.json")
     saved = json.load(open(summary_path))["parts"] if os.path.isfile(summary_path) else {}
     checkpointer = ocp.StandardCheckpointer()
     models = {}
-    for part in parts or PARTS:
+    for part in PARTS if parts is None else parts:
         path = os.path.join(os.path.abspath(folder), part)
         if not os.path.isdir(path):
             continue
         abstract = abstract_part(part, config)
+        if config is not saved_config:
+            _check_shapes(part, abstract, abstract_part(part, saved_config), folder)
         graphdef, state = nnx.split(abstract, nnx.Param)
         shardings = shardings_for(abstract) if shardings_for else {}
         flat = dict(nnx.to_flat_state(state))
@@ -111,6 +119,20 @@ def load(folder: str, *, parts=None, shardings_for=None) -> tuple[ml_collections
         nnx.replace_by_pure_dict(state, restored)
         models[part] = nnx.merge(graphdef, state)
     return config, models
+
+
+def _check_shapes(part: str, wanted: nnx.Module, saved: nnx.Module, folder: str) -> None:
+    def shapes(model):
+        return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    wanted, saved = shapes(wanted), shapes(saved)
+    differ = [f"{k} {wanted.get(k, 'absent')} (folder: {saved.get(k, 'absent')})"
+              for k in sorted(set(wanted) | set(saved)) if wanted.get(k) != saved.get(k)]
+    if differ:
+        more = "; ..." if len(differ) > 4 else ""
+        raise CheckpointError(f"{folder}: the {part} the config describes does not fit the folder's {part} weights "
+                              f"({len(differ)} parameters differ: {'; '.join(differ[:4])}{more}); use the folder's "
+                              f"config.json for the {part}, or start the {part} from scratch")
 
 
 def _replicated() -> jax.sharding.Sharding:

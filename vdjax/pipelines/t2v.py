@@ -85,10 +85,18 @@ class T2VPipeline:
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def from_converted(cls, folder: str, **kw) -> "T2VPipeline":
+    def from_converted(cls, folder: str, *, init=(), seed: int = 0, **kw) -> "T2VPipeline":
+        """kw: converted.load's (config= builds the parts as another config says); init: parts built with random
+        weights (seed) instead of loaded, e.g. a new UNet on a trained VAE."""
         from vdjax.convert import converted
+        from vdjax.layers.primitives import InitKeys
 
-        config, models = converted.load(folder, **kw)
+        unknown = sorted(set(init) - set(cls.PARTS))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no part {', '.join(unknown)}; its parts: {', '.join(cls.PARTS)}")
+        config, models = converted.load(folder, parts=[p for p in cls.PARTS if p not in init], **kw)
+        rngs = InitKeys(seed)
+        models.update({part: build_part(part, config, rngs) for part in cls.PARTS if part in init})
         tokenizer = os.path.join(folder, "tokenizer")
         return cls(config, **cls._parts_of(models, folder),
                    tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None)
