@@ -1,6 +1,7 @@
 """Small argument parsers shared by the launch scripts."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -77,3 +78,14 @@ def pipeline_class(config):
     if config.unet.get("first_frame_attention"):
         return I2VAdapterPipeline
     return I2VPipeline if "image_encoder" in config else T2VPipeline
+
+
+def model_differences(config, saved, parts) -> list[str]:
+    """'part.key' for each model setting (of `parts`) where `config` and a folder's config.json (`saved`) differ;
+    values compared as JSON stores them (tuples as lists, sub-configs as dicts)."""
+    def plain(value):
+        return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value, default=str))
+
+    return [f"{part}.{key}" for part in parts if part in config
+            for key in sorted(set(config[part]) | set(saved.get(part, {})))
+            if plain(config[part].get(key)) != plain(saved.get(part, {}).get(key))]

@@ -47,7 +47,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import ProgressBar, WeightFlags, pipeline_class
+from launch_helpers import ProgressBar, WeightFlags, model_differences, pipeline_class
 from vdjax.io.image import read_image
 from vdjax.io.mask import read_mask
 from vdjax.io.video import check_output, write_video
@@ -155,7 +155,12 @@ def _pipeline(config) -> T2VPipeline:
                 f"with `git checkout -- {config.sample.checkpoint}`, or remake it with the commands in the config's "
                 "docstring, or give --checkpoint / --model)"))
         print(f"weights: converted model {checkpoint}")
-        return _sample_as_configured(kind.from_converted(checkpoint), config)
+        pipe = kind.from_converted(checkpoint)
+        differ = model_differences(config, pipe.config, kind.PARTS)
+        if differ:
+            print(f"the model is the folder's: --config's {', '.join(differ)} (which differ from {checkpoint}/"
+                  "config.json) do not apply; convert or train a model with them")
+        return _sample_as_configured(pipe, config)
     if not given:
         raise app.UsageError(f"no weights for {config.family} {config.get('variant', '')}: {_WHERE_WEIGHTS.get(config.family, '')}"
                              "Give a converted folder (--checkpoint), the files themselves (converted at load "

@@ -13,7 +13,6 @@ one machine: --distributed --coordinator=127.0.0.1:1234 --num_processes=2 --proc
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -25,7 +24,7 @@ from ml_collections import config_flags
 from vdjax.data.moving_shapes import MovingShapes, make_clip
 from vdjax.data.pipeline import make_dataset
 from vdjax.data.video_folder import VideoFolder
-from launch_helpers import pipeline_class
+from launch_helpers import model_differences, pipeline_class
 from vdjax.pipelines.t2v import T2VPipeline
 from vdjax.train.feed import BatchStream, TokenizedBatches
 from vdjax.train.loop import train
@@ -88,20 +87,11 @@ def load_pipeline(kind, config) -> T2VPipeline:
         pipe = kind.from_converted(_CHECKPOINT.value, config=config, init=_INIT.value, seed=config.train.seed)
     except (converted.CheckpointError, ValueError) as e:
         raise app.UsageError(f"--checkpoint / --init: {e} (--init=PART starts that part from scratch)") from None
-    saved = converted.load_config(_CHECKPOINT.value)
-    differ = [f"{part}.{key}" for part in kind.PARTS if part not in _INIT.value
-              for key in sorted(set(config[part]) | set(saved.get(part, {})))
-              if _plain(config[part].get(key)) != _plain(saved.get(part, {}).get(key))]
+    differ = model_differences(config, converted.load_config(_CHECKPOINT.value),
+                               [part for part in kind.PARTS if part not in _INIT.value])
     if differ:
         print(f"building the model as --config says; {_CHECKPOINT.value}/config.json differs in {', '.join(differ)}")
     return pipe
-
-
-def _plain(value):
-    """Config values compared as JSON stores them (tuples as lists, sub-configs as dicts)."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    return json.loads(json.dumps(value, default=str))
 
 
 def make_sampler(pipe: T2VPipeline, trainer: Trainer, config):

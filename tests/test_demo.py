@@ -138,14 +138,17 @@ def test_the_measures_can_fail(sample):
 
 def test_sampling_settings_come_from_the_config_not_the_folder(tmp_path):
     """The demo folder's config.json samples with the frame prior from step 8; a --config.sample override wins (here
-    one the pipeline refuses, so the test is quick) and the difference is printed."""
+    one the pipeline refuses, so the test is quick) and the difference is printed; a model setting of --config does
+    not apply to the folder's model, which is said."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "launch/sample.py", "--config=configs/demo.py",
-                             "--config.sample.frame_prior.start_step=30", f"--output={tmp_path / 'v.mp4'}"],
+                             "--config.sample.frame_prior.start_step=30", "--config.unet.norm_eps=0.001",
+                             f"--output={tmp_path / 'v.mp4'}"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "the folder's config.json differs in sample.frame_prior" in result.stdout, result.stdout[-2000:]
     assert "start_step=30; use 0 to 24" in result.stderr, result.stderr[-2000:]
+    assert "the model is the folder's: --config's unet.norm_eps" in result.stdout, result.stdout[-2000:]
 
 
 def test_measure_demo_script(sample):
