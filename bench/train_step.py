@@ -196,7 +196,7 @@ def main(argv=None):
         args, f"train_step: one optimiser step, motion modules trainable, vs PyTorch ({args.size} workload)",
         [f"workload: {w.describe()} ({motion / 1e6:.2f}M of {total / 1e6:.1f}M UNet parameters train); vdjax "
          f"attention `{attention}`; reference eager PyTorch with SDPA",
-         "remat: vdjax `config.train.remat` (jax.checkpoint policy over the loss); reference: diffusers' "
+         "remat: vdjax `config.train.remat` (a jax.checkpoint policy on each UNet layer); reference: diffusers' "
          "per-block gradient checkpointing for `full` and `dots`",
          "FLOPs: XLA's cost analysis of vdjax's compiled step (the reference's TFLOP/s uses the same count); "
          "compile: JAX's trace + lower + compile seconds during the first step (jax.monitoring)"],
