@@ -96,7 +96,7 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
         if stage == "unet":  # 1 / latent_std of `stage=vae,factor=2` (800 steps: 2.3664; PSNR 30.6 dB)
             config.vae.scaling_factor = 0.4226
     if unet == "wide":  # first-frame attention with heads of 24 (tiny: 16) channels, and at the 8x8 level too, where
-        # a shape's whole neighbourhood is in view; about 2x the tiny UNet's cost per step
+        # a shape's whole neighbourhood is in view; 0.63 steps/s at batch 8 on 2 cores (tiny, factor 2: 1.1)
         config.unet.update(block_out_channels=(48, 96), attention_levels=(True, True))
     # Sampling: what `python launch/sample.py --config=configs/demo.py` does with no other flags. Relative paths are
     # taken from the repository's root.

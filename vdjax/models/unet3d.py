@@ -145,7 +145,7 @@ class MidBlock(nnx.Module):
 
     def __call__(self, h, temb, context, num_frames, remat=None):
         def block(mid, h, temb, context):
-            h = _apply(mid, 0, mid.resnets[0](h, temb), context, num_frames)
+            h = _layer(0, num_frames)(mid, h, temb, context)
             h = mid.resnets[1](h, temb)
             return h if mid.temporal_convs is None else mid.temporal_convs[1](h, num_frames)
         return _checkpointed(block, remat, self, h, temb, context)
