@@ -24,6 +24,9 @@ _CLIPS = flags.DEFINE_integer("clips", 16, "Held-out clips: make_clip(i, seed=1)
 _START = flags.DEFINE_integer("start_step", None, "Override config.sample.frame_prior.start_step.")
 _KEEP = flags.DEFINE_float("keep_prob", None, "Override config.sample.frame_prior.keep_prob.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Override config.sample.guidance_scale.")
+_STEPS = flags.DEFINE_integer("steps", None, "Override config.sample.steps (the frame prior's start_step counts in "
+                              "these steps).")
+_ETA = flags.DEFINE_float("eta", None, "Override config.sample.eta (0: deterministic DDIM; 1: DDPM-like noise).")
 
 
 def main(argv):
@@ -42,6 +45,10 @@ def main(argv):
         s.frame_prior.keep_prob = _KEEP.value
     if _GUIDANCE.value is not None:
         s.guidance_scale = _GUIDANCE.value
+    if _STEPS.value is not None:
+        s.steps = _STEPS.value
+    if _ETA.value is not None:
+        s.eta = _ETA.value
     clips = [make_clip(i, num_frames=s.num_frames, size=s.height, seed=1) for i in range(_CLIPS.value)]
     out = pipe([c["caption"] for c in clips], negative_prompt=s.negative_prompt, seed=s.seed,
                image=np.stack([c["first_frame"] for c in clips]), num_frames=s.num_frames, height=s.height,
@@ -55,7 +62,7 @@ def main(argv):
     psnr, motion, consistency = np.mean(rows, axis=0)
     print(f"mean over {len(rows)} clips: psnr {psnr:.1f} dB, motion {motion:.1f} px, consistency {consistency:.2f} "
           f"(frame prior start_step {s.frame_prior.start_step}, keep_prob {s.frame_prior.keep_prob}, guidance "
-          f"{s.guidance_scale})")
+          f"{s.guidance_scale}, {s.steps} steps, eta {s.eta})")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,47 @@ def test_frame_prior_with_p_1_at_the_last_timestep_is_plain_noising():
     a = float(schedule.alphas_cumprod[999])
     expected = (np.sqrt(a) * first[:, None] + np.sqrt(1 - a) * noise).at[:, 0].set(first)
     np.testing.assert_allclose(np.asarray(x), np.asarray(expected), atol=1e-6)
+
+
+def _train_config(spec: str, **train):
+    config = load_config(spec)
+    config.train.update(train)
+    return config
+
+
+def test_training_on_the_frame_prior_path_meets_the_sampler_at_every_step(pipe):
+    """train.frame_prior_timestep = t0: the UNet's training input at t0 is the sampler's start (Frame Similarity
+    Prior, keep_prob 1, from t0), and DDIM steps that take the training targets as the model's output pass through
+    the training inputs at every later timestep and end on the clip's latents; plain training's input at t0 is
+    another point. Timesteps are drawn in [0, t0]; settings that cannot work are refused."""
+    from vdjax.diffusion.ddim import ddim_step
+
+    steps, start = 10, 3
+    ts = pipe.timesteps(steps)
+    t0 = int(ts[start])
+    config = _train_config(SPEC, frame_prior_timestep=t0)
+    parts = dict(image_encoder=pipe.image_encoder, image_proj=pipe.image_proj)
+    trainer = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder, **parts)
+    z = jax.random.normal(jax.random.key(0), (2, 5, 8, 8, config.unet.in_channels))
+    key = jax.random.key(1)
+    x = frame_prior.initial_latents(key, z[:, 0], 5, pipe.schedule, t0, keep_prob=1.0)
+    noise = jax.random.normal(jax.random.split(key)[1], z.shape)  # the noise initial_latents drew
+    plain, _ = Trainer(pipe.config, pipe.unet, pipe.vae, pipe.text_encoder, **parts).diffuse(z, noise, jnp.full(2, t0))
+    assert float(jnp.max(jnp.abs(plain - x))) > 0.5
+    for t, t_prev in zip(ts[start:], pipe.previous_timesteps(ts, steps)[start:]):
+        noisy, target = trainer.diffuse(z, noise, jnp.full(2, t))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(noisy), atol=1e-5, err_msg=f"t={t}")
+        x, _ = ddim_step(pipe.schedule, target, t, t_prev, x, set_alpha_to_one=config.schedule.set_alpha_to_one)
+        x = x.at[:, 0].set(z[:, 0])  # the sampler's fixed first frame
+    np.testing.assert_allclose(np.asarray(x), np.asarray(z), atol=1e-4)
+
+    drawn = trainer.draw_timesteps(jax.random.key(2), 4096)
+    assert int(drawn.max()) == t0 and int(drawn.min()) == 0
+    with pytest.raises(ValueError, match="leave train.max_timestep at 0"):
+        Trainer(_train_config(SPEC, frame_prior_timestep=t0, max_timestep=700), pipe.unet, pipe.vae,
+                pipe.text_encoder, **parts)
+    with pytest.raises(ValueError, match="frame_prior_timestep=1000; use the sampler's first timestep"):
+        Trainer(_train_config(SPEC, frame_prior_timestep=1000), pipe.unet, pipe.vae, pipe.text_encoder, **parts)
+    with pytest.raises(ValueError, match="set train.first_frame_clean"):
+        Trainer(_train_config(SPEC, frame_prior_timestep=t0, first_frame_clean=False), pipe.unet, pipe.vae,
+                pipe.text_encoder, **parts)

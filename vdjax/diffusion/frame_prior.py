@@ -3,6 +3,10 @@
 D(x) = M * x + (1 - M) * GaussianBlur(x), with M a random binary mask keeping each element with probability p
 (the blur in latent space, kernel 9 and sigma 18 as the released code), then forward-diffused to the starting
 timestep t0. Frame 0 stays the clean first-frame latent: I2V-Adapter never noises it.
+
+`path_noise` is the training side (train.frame_prior_timestep, vdjax/train/step.py): the noise under which the
+forward process passes through the prior's start (keep_prob 1) at t0, so that the model learns where the sampler
+goes from there.
 """
 from __future__ import annotations
 
@@ -53,3 +57,10 @@ def initial_latents(key: jax.Array, first: jax.Array, num_frames: int, schedule:
     else:
         x = noise
     return x.at[:, 0].set(first)
+
+
+def path_noise(noise: jax.Array, latents: jax.Array, alpha_t0) -> jax.Array:
+    """eps' = eps + sqrt(abar_t0 / (1 - abar_t0)) * (z_0 - z_f) for latents z (B, F, h, w, C): then
+    sqrt(abar_t0) z_f + sqrt(1 - abar_t0) eps' = sqrt(abar_t0) z_0 + sqrt(1 - abar_t0) eps, the prior's start, and
+    deterministic DDIM from there with an eps' predictor stays on sqrt(abar_t) z_f + sqrt(1 - abar_t) eps'."""
+    return noise + jnp.sqrt(alpha_t0 / (1 - alpha_t0)) * (latents[:, :1] - latents)

@@ -6,6 +6,14 @@ families embed the clip's first frame (MagDiff: its subject, the first frame out
 the HFA pyramid latents). With train.subject_loss_weight = w > 0 the squared error is a weighted mean, 1 + w on
 the latent pixels that batch['frame_masks'] marks as subject (a shape anywhere in the VAE factor's block): small
 subjects on a large, easy background get the model's capacity.
+
+With train.frame_prior_timestep = s > 0 (I2V, first frame clean) the model learns the path that I2V-Adapter's
+Frame Similarity Prior samples (keep_prob 1, from timestep s): the later frames' noise is
+eps' = eps + sqrt(abar_s / (1 - abar_s)) * (z_0 - z_f) and t <= s, so x_s = sqrt(abar_s) z_0 + sqrt(1 - abar_s) eps
+is exactly the sampler's start, and DDIM with an eps' predictor follows that path down to the later frames' data (as
+for any coupling of data and noise on sqrt(abar_t) x + sqrt(1 - abar_t) n, the probability-flow ODE of the ideal
+predictor keeps the path's marginals). Trained on plain noise, the model meets the prior's start off its training
+distribution.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vdjax import flops, parallel
+from vdjax.diffusion import frame_prior
 from vdjax.models.subject import encode_pyramid
 from vdjax.models.vae import Posterior
 from vdjax.pipelines.magdiff import subject_pixels
@@ -57,6 +66,18 @@ class Trainer:
         if not 0 < self.max_timestep <= len(self.alphas_cumprod):
             raise ValueError(f"train.max_timestep={cfg.train.max_timestep}; use 1 to {len(self.alphas_cumprod)} "
                              "(or 0 for the whole schedule)")
+        self.frame_prior_timestep = int(cfg.train.get("frame_prior_timestep", 0))
+        if self.frame_prior_timestep:
+            if not cfg.train.get("first_frame_clean", False):
+                raise ValueError("train.frame_prior_timestep trains image-to-video from a clean first frame: set "
+                                 "train.first_frame_clean (I2V-Adapter configs do), or 0 to train without it")
+            if not 0 < self.frame_prior_timestep < len(self.alphas_cumprod):
+                raise ValueError(f"train.frame_prior_timestep={self.frame_prior_timestep}; use the sampler's first "
+                                 f"timestep (1 to {len(self.alphas_cumprod) - 1}), or 0 to train without it")
+            if cfg.train.get("max_timestep", 0):
+                raise ValueError("train.frame_prior_timestep draws t from [0, frame_prior_timestep]: leave "
+                                 "train.max_timestep at 0")
+            self.max_timestep = self.frame_prior_timestep + 1
         self.subject_loss_weight = float(cfg.train.get("subject_loss_weight", 0.0))
         if self.subject_loss_weight < 0:
             raise ValueError(f"train.subject_loss_weight={self.subject_loss_weight}; use 0 (a plain mean) or more")
@@ -143,6 +164,23 @@ class Trainer:
         """Uniform training timesteps in [0, max_timestep)."""
         return jax.random.randint(key, (batch,), 0, self.max_timestep)
 
+    def diffuse(self, z: jax.Array, noise: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Latents (B, F, h, w, C), standard normal noise and timesteps (B,) -> (the UNet's noisy input, its target).
+        I2V (train.first_frame_clean): frame 0 enters clean; with train.frame_prior_timestep the noise is
+        frame_prior.path_noise's (the module docstring says why)."""
+        cfg = self.config
+        if self.frame_prior_timestep:
+            noise = frame_prior.path_noise(noise, z, self.alphas_cumprod[self.frame_prior_timestep])
+        a = self.alphas_cumprod[t][:, None, None, None, None]
+        noisy = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
+        if cfg.train.get("first_frame_clean", False):  # I2V-Adapter: only the later frames are denoised
+            noisy = noisy.at[:, 0].set(z[:, 0])
+        if cfg.schedule.prediction_type == "v_prediction":
+            return noisy, jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * z
+        if cfg.schedule.prediction_type == "epsilon":
+            return noisy, noise
+        raise ValueError(f"training supports epsilon and v_prediction, not {cfg.schedule.prediction_type!r}")
+
     def _loss_weights(self, batch: dict, latent_shape) -> jax.Array | None:
         """(B, F, h, w, 1): 1 + subject_loss_weight where a block of the frame's subject mask has any subject."""
         if not self.subject_loss_weight:
@@ -182,22 +220,10 @@ class Trainer:
             context = jnp.concatenate([context, self._image_tokens(image_state, first)], axis=1)
         context = jax.lax.stop_gradient(context)
         t = self.draw_timesteps(k_t, b)
-        noise = jax.random.normal(k_noise, z.shape, jnp.float32)
-        a = self.alphas_cumprod[t][:, None, None, None, None]
-        noisy = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
-        first_clean = cfg.train.get("first_frame_clean", False)
+        noisy, target = self.diffuse(z, jax.random.normal(k_noise, z.shape, jnp.float32), t)
         fps = jnp.int32(cfg.sample.fps) if cfg.unet.fps_conditioning else None  # the clips' frame rate
-        if first_clean:  # I2V-Adapter: the first frame enters clean, and only the later frames are denoised
-            noisy = noisy.at[:, 0].set(z[:, 0])
-        if cfg.schedule.prediction_type == "v_prediction":
-            target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * z
-        elif cfg.schedule.prediction_type == "epsilon":
-            target = noise
-        else:
-            raise ValueError(f"training supports epsilon and v_prediction, not {cfg.schedule.prediction_type!r}")
-
         weights = self._loss_weights(batch, z.shape)
-        start = 1 if first_clean else 0
+        start = 1 if cfg.train.get("first_frame_clean", False) else 0  # a clean frame 0 is not denoised
         weights = None if weights is None else weights[:, start:]
 
         def loss_fn(trainable):
