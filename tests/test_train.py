@@ -394,6 +394,10 @@ def test_a_checkpoint_loads_into_the_model_the_config_describes(pipe, model_fold
     fresh = T2VPipeline.from_converted(model_folder, config=cfg, init=("unet",))
     assert fresh.unet.conv_in.kernel.shape[-1] == cfg.unet.block_out_channels[0]
     assert all(np.array_equal(v, _params(pipe.vae)[k]) for k, v in _params(fresh.vae).items())
+    added = load_config(SPEC)
+    added.unet.first_frame_attention = True  # I2V-Adapter's new projections, which an AnimateDiff folder lacks
+    with pytest.raises(CheckpointError, match=r"to_q_ff.*absent\).*adds parameters the folder lacks: convert"):
+        T2VPipeline.from_converted(model_folder, config=added)
     with pytest.raises(ValueError, match="no part unte"):
         T2VPipeline.from_converted(model_folder, init=("unte",))
 

@@ -126,13 +126,19 @@ def _check_shapes(part: str, wanted: nnx.Module, saved: nnx.Module, folder: str)
         return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
     wanted, saved = shapes(wanted), shapes(saved)
-    differ = [f"{k} {wanted.get(k, 'absent')} (folder: {saved.get(k, 'absent')})"
-              for k in sorted(set(wanted) | set(saved)) if wanted.get(k) != saved.get(k)]
-    if differ:
-        more = "; ..." if len(differ) > 4 else ""
-        raise CheckpointError(f"{folder}: the {part} the config describes does not fit the folder's {part} weights "
-                              f"({len(differ)} parameters differ: {'; '.join(differ[:4])}{more}); use the folder's "
-                              f"config.json for the {part}, or start the {part} from scratch")
+    keys = [k for k in sorted(set(wanted) | set(saved)) if wanted.get(k) != saved.get(k)]
+    if not keys:
+        return
+    differ = [f"{k} {wanted.get(k, 'absent')} (folder: {saved.get(k, 'absent')})" for k in keys]
+    more = "; ..." if len(differ) > 4 else ""
+    if all(k not in saved for k in keys):  # e.g. an I2V-Adapter config over a plain AnimateDiff folder
+        fix = (f"the config adds parameters the folder lacks: convert the source weights with this config "
+               f"(launch/convert.py --config=...), which initialises them as upstream does, or start the {part} "
+               "from scratch")
+    else:
+        fix = f"use the folder's config.json for the {part}, or start the {part} from scratch"
+    raise CheckpointError(f"{folder}: the {part} the config describes does not fit the folder's {part} weights "
+                          f"({len(differ)} parameters differ: {'; '.join(differ[:4])}{more}); {fix}")
 
 
 def _replicated() -> jax.sharding.Sharding:
