@@ -83,7 +83,7 @@ def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
         grad_accum_steps=1, ema_decay=0.9999, remat="none", seed=0, log_every=10, checkpoint_every=1000,
         keep_checkpoints=3, caption_dropout=0.1, mesh=dict(data=-1, fsdp=1, tensor=1),
         max_timestep=0,  # train on timesteps below this one only (0: all of them)
-        frame_prior_timestep=0,  # > 0, I2V: train the path a Frame Similarity Prior from this t samples
+        frame_prior_path=False,  # I2V: train the path that config.sample's Frame Similarity Prior samples
         subject_loss_weight=0.0,  # > 0: the loss weighs latent blocks with a subject (frame masks) 1 + this
         # A sample video (EMA weights, config.sample's settings) every this many steps; 0: never.
         sample_every=5000, sample_prompt="a red circle and a blue square moving right"))

@@ -38,7 +38,7 @@ path; loading does not read them).
 Variants tried, not shipped (assets/demo/README.md): `factor=2` (a VAE of two levels: 16x16 latents) and, on it,
 `unet=wide` (48/96 channels, spatial attention at both levels; trained on the factor-2 VAE with
 `launch/train.py --init=unet`, since that VAE's folder holds a tiny UNet), and training on the Frame Similarity
-Prior's own path (`--config.train.frame_prior_timestep=640`: realistic motion, fewer shapes kept).
+Prior's own path (`--config.train.frame_prior_path=True`: realistic motion, fewer shapes kept).
 
 What it shows (tests/test_demo.py; launch/measure_demo.py over 16 held-out clips): frame 0 is the input (26.2 dB
 PSNR on the bundled frame, 27.2 on average), the shapes move (8.3 px mean centroid shift over the clip; 5.9 on

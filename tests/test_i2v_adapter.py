@@ -151,18 +151,21 @@ def _train_config(spec: str, **train):
 
 
 def test_training_on_the_frame_prior_path_meets_the_sampler_at_every_step(pipe):
-    """train.frame_prior_timestep = t0: the UNet's training input at t0 is the sampler's start (Frame Similarity
-    Prior, keep_prob 1, from t0), and DDIM steps that take the training targets as the model's output pass through
-    the training inputs at every later timestep and end on the clip's latents; plain training's input at t0 is
-    another point. Timesteps are drawn in [0, t0]; settings that cannot work are refused."""
+    """train.frame_prior_path: the UNet's training input at the timestep t0 that config.sample's Frame Similarity
+    Prior starts from (keep_prob 1) is the sampler's start, and DDIM steps that take the training targets as the
+    model's output pass through the training inputs at every later timestep and end on the clip's latents; plain
+    training's input at t0 is another point. Timesteps are drawn in [0, t0]; settings that cannot work are refused."""
     from vdjax.diffusion.ddim import ddim_step
 
     steps, start = 10, 3
     ts = pipe.timesteps(steps)
     t0 = int(ts[start])
-    config = _train_config(SPEC, frame_prior_timestep=t0)
+    config = _train_config(SPEC, frame_prior_path=True)
+    config.sample.update(steps=steps)
+    config.sample.frame_prior.update(start_step=start, keep_prob=1.0)
     parts = dict(image_encoder=pipe.image_encoder, image_proj=pipe.image_proj)
     trainer = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder, **parts)
+    assert trainer.frame_prior_timestep == t0
     z = jax.random.normal(jax.random.key(0), (2, 5, 8, 8, config.unet.in_channels))
     key = jax.random.key(1)
     x = frame_prior.initial_latents(key, z[:, 0], 5, pipe.schedule, t0, keep_prob=1.0)
@@ -178,11 +181,19 @@ def test_training_on_the_frame_prior_path_meets_the_sampler_at_every_step(pipe):
 
     drawn = trainer.draw_timesteps(jax.random.key(2), 4096)
     assert int(drawn.max()) == t0 and int(drawn.min()) == 0
-    with pytest.raises(ValueError, match="leave train.max_timestep at 0"):
-        Trainer(_train_config(SPEC, frame_prior_timestep=t0, max_timestep=700), pipe.unet, pipe.vae,
-                pipe.text_encoder, **parts)
-    with pytest.raises(ValueError, match="frame_prior_timestep=1000; use the sampler's first timestep"):
-        Trainer(_train_config(SPEC, frame_prior_timestep=1000), pipe.unet, pipe.vae, pipe.text_encoder, **parts)
-    with pytest.raises(ValueError, match="set train.first_frame_clean"):
-        Trainer(_train_config(SPEC, frame_prior_timestep=t0, first_frame_clean=False), pipe.unet, pipe.vae,
-                pipe.text_encoder, **parts)
+    for change, message in [(dict(keep_prob=0.5), "keep_prob=0.5, but only the undegraded"),
+                            (dict(start_step=steps), "start_step=10; use 0 to 9"),
+                            (dict(enabled=False), "this config has none")]:
+        bad = _train_config(SPEC, frame_prior_path=True)
+        bad.sample.update(steps=steps)
+        bad.sample.frame_prior.update(start_step=start, keep_prob=1.0)
+        bad.sample.frame_prior.update(change)
+        with pytest.raises(ValueError, match=message):
+            Trainer(bad, pipe.unet, pipe.vae, pipe.text_encoder, **parts)
+    for change, message in [(dict(max_timestep=700), "leave train.max_timestep at 0"),
+                            (dict(first_frame_clean=False), "this config has none")]:
+        bad = _train_config(SPEC, frame_prior_path=True)
+        bad.sample.frame_prior.keep_prob = 1.0
+        bad.train.update(change)
+        with pytest.raises(ValueError, match=message):
+            Trainer(bad, pipe.unet, pipe.vae, pipe.text_encoder, **parts)

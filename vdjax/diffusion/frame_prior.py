@@ -4,7 +4,7 @@ D(x) = M * x + (1 - M) * GaussianBlur(x), with M a random binary mask keeping ea
 (the blur in latent space, kernel 9 and sigma 18 as the released code), then forward-diffused to the starting
 timestep t0. Frame 0 stays the clean first-frame latent: I2V-Adapter never noises it.
 
-`path_noise` is the training side (train.frame_prior_timestep, vdjax/train/step.py): the noise under which the
+`path_noise` is the training side (train.frame_prior_path, vdjax/train/step.py): the noise under which the
 forward process passes through the prior's start (keep_prob 1) at t0, so that the model learns where the sampler
 goes from there.
 """

@@ -41,6 +41,11 @@ def make_schedule(cfg) -> schedules.Schedule:
                                      fix_scale_bug=cfg.get("fix_scale_bug", False))
 
 
+def sampling_timesteps(cfg, schedule: schedules.Schedule, steps: int) -> np.ndarray:
+    """The sampler's timesteps for `steps` steps, as config.schedule spaces them (first = the noisiest)."""
+    return schedules.timesteps(schedule, steps, spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+
+
 def build_part(part: str, config, rngs) -> nnx.Module:
     """A model part with fresh (random) weights, of the kind the config names."""
     from vdjax.models import clip, openclip, resampler, unet3d, vae
@@ -164,8 +169,7 @@ class T2VPipeline:
         return self._encode(self.text_encoder, jnp.asarray(ids), int(self.config.sample.clip_skip))
 
     def timesteps(self, steps: int) -> np.ndarray:
-        cfg = self.config.schedule
-        return schedules.timesteps(self.schedule, steps, spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+        return sampling_timesteps(self.config.schedule, self.schedule, steps)
 
     def previous_timesteps(self, ts: np.ndarray, steps: int) -> np.ndarray:
         if self.config.schedule.timestep_spacing == "videocrafter":  # VideoCrafter's DDIMSampler: the next entry

@@ -7,8 +7,8 @@ the HFA pyramid latents). With train.subject_loss_weight = w > 0 the squared err
 the latent pixels that batch['frame_masks'] marks as subject (a shape anywhere in the VAE factor's block): small
 subjects on a large, easy background get the model's capacity.
 
-With train.frame_prior_timestep = s > 0 (I2V, first frame clean) the model learns the path that I2V-Adapter's
-Frame Similarity Prior samples (keep_prob 1, from timestep s): the later frames' noise is
+With train.frame_prior_path (I2V, first frame clean) the model learns the path that I2V-Adapter's Frame Similarity
+Prior samples (config.sample's: keep_prob 1, from the timestep s of its start_step): the later frames' noise is
 eps' = eps + sqrt(abar_s / (1 - abar_s)) * (z_0 - z_f) and t <= s, so x_s = sqrt(abar_s) z_0 + sqrt(1 - abar_s) eps
 is exactly the sampler's start, and DDIM with an eps' predictor follows that path down to the later frames' data (as
 for any coupling of data and noise on sqrt(abar_t) x + sqrt(1 - abar_t) n, the probability-flow ODE of the ideal
@@ -53,7 +53,8 @@ class Trainer:
         cfg = self.config
         from vdjax.pipelines.t2v import make_schedule  # the family's noise schedule
 
-        self.alphas_cumprod = jnp.asarray(make_schedule(cfg.schedule).alphas_cumprod, jnp.float32)
+        schedule = make_schedule(cfg.schedule)
+        self.alphas_cumprod = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
         self.graphdef, trainable, self.frozen = split_trainable(self.unet, cfg.train.trainable)
         self.vae_graph, self.vae_state = nnx.split(self.vae)
         self.text_graph, self.text_state = nnx.split(self.text_encoder)
@@ -66,17 +67,8 @@ class Trainer:
         if not 0 < self.max_timestep <= len(self.alphas_cumprod):
             raise ValueError(f"train.max_timestep={cfg.train.max_timestep}; use 1 to {len(self.alphas_cumprod)} "
                              "(or 0 for the whole schedule)")
-        self.frame_prior_timestep = int(cfg.train.get("frame_prior_timestep", 0))
+        self.frame_prior_timestep = self._frame_prior_start(schedule) if cfg.train.get("frame_prior_path") else 0
         if self.frame_prior_timestep:
-            if not cfg.train.get("first_frame_clean", False):
-                raise ValueError("train.frame_prior_timestep trains image-to-video from a clean first frame: set "
-                                 "train.first_frame_clean (I2V-Adapter configs do), or 0 to train without it")
-            if not 0 < self.frame_prior_timestep < len(self.alphas_cumprod):
-                raise ValueError(f"train.frame_prior_timestep={self.frame_prior_timestep}; use the sampler's first "
-                                 f"timestep (1 to {len(self.alphas_cumprod) - 1}), or 0 to train without it")
-            if cfg.train.get("max_timestep", 0):
-                raise ValueError("train.frame_prior_timestep draws t from [0, frame_prior_timestep]: leave "
-                                 "train.max_timestep at 0")
             self.max_timestep = self.frame_prior_timestep + 1
         self.subject_loss_weight = float(cfg.train.get("subject_loss_weight", 0.0))
         if self.subject_loss_weight < 0:
@@ -160,13 +152,35 @@ class Trainer:
         plus = "clip_extra_context_tokens" not in self.config.image_proj
         return proj(out.penultimate_hidden_state if plus else out.image_embeds)
 
+    def _frame_prior_start(self, schedule) -> int:
+        """train.frame_prior_path: the timestep that config.sample's Frame Similarity Prior starts from."""
+        from vdjax.pipelines.t2v import sampling_timesteps
+
+        cfg = self.config
+        prior = cfg.sample.get("frame_prior")
+        if not cfg.train.get("first_frame_clean", False) or prior is None or not prior.enabled:
+            raise ValueError("train.frame_prior_path trains the path of the sampler's Frame Similarity Prior "
+                             "(sample.frame_prior, I2V with train.first_frame_clean): this config has none; set "
+                             "train.frame_prior_path=False")
+        if prior.keep_prob != 1:
+            raise ValueError(f"train.frame_prior_path: sample.frame_prior.keep_prob={prior.keep_prob}, but only the "
+                             "undegraded prior's start lies on a path the model can learn; set it to 1")
+        if cfg.train.get("max_timestep", 0):
+            raise ValueError("train.frame_prior_path draws t up to the sampler's first timestep: leave "
+                             "train.max_timestep at 0")
+        ts = sampling_timesteps(cfg.schedule, schedule, cfg.sample.steps)
+        if not 0 <= prior.start_step < len(ts):
+            raise ValueError(f"sample.frame_prior.start_step={prior.start_step}; use 0 to {len(ts) - 1} for "
+                             f"{cfg.sample.steps} steps")
+        return int(ts[prior.start_step])
+
     def draw_timesteps(self, key: jax.Array, batch: int) -> jax.Array:
         """Uniform training timesteps in [0, max_timestep)."""
         return jax.random.randint(key, (batch,), 0, self.max_timestep)
 
     def diffuse(self, z: jax.Array, noise: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Latents (B, F, h, w, C), standard normal noise and timesteps (B,) -> (the UNet's noisy input, its target).
-        I2V (train.first_frame_clean): frame 0 enters clean; with train.frame_prior_timestep the noise is
+        I2V (train.first_frame_clean): frame 0 enters clean; with train.frame_prior_path the noise is
         frame_prior.path_noise's (the module docstring says why)."""
         cfg = self.config
         if self.frame_prior_timestep:
