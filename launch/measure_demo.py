@@ -5,6 +5,7 @@ consistency (vdjax/data/shape_measures.py), per clip and on average. assets/demo
     python launch/measure_demo.py --checkpoint=runs/demo_unet/model --clips=32
     python launch/measure_demo.py --start_step=0 --keep_prob=0.5    # other Frame Similarity Prior settings
     python launch/measure_demo.py --guidance_scale=5                # other classifier-free guidance
+    python launch/measure_demo.py --steps=50 --start_step=16 --eta=1  # other DDIM settings
 
 Each clip's first frame and caption go through the same pipeline call as `launch/sample.py --config=configs/demo.py`
 (config.sample: steps, guidance, seed, frame prior, colour matching); clip i of seed 1 was never seen in training
