@@ -59,6 +59,14 @@ def initial_latents(key: jax.Array, first: jax.Array, num_frames: int, schedule:
     return x.at[:, 0].set(first)
 
 
+def start_timestep(timesteps, start_step: int) -> int:
+    """The timestep the prior starts from: the sampler's `start_step`-th (timesteps: its steps, noisiest first)."""
+    if not 0 <= start_step < len(timesteps):
+        raise ValueError(f"sample.frame_prior.start_step={start_step}; use 0 to {len(timesteps) - 1} for "
+                         f"{len(timesteps)} steps")
+    return int(timesteps[start_step])
+
+
 def path_noise(noise: jax.Array, latents: jax.Array, alpha_t0) -> jax.Array:
     """eps' = eps + sqrt(abar_t0 / (1 - abar_t0)) * (z_0 - z_f) for latents z (B, F, h, w, C): then
     sqrt(abar_t0) z_f + sqrt(1 - abar_t0) eps' = sqrt(abar_t0) z_0 + sqrt(1 - abar_t0) eps, the prior's start, and

@@ -81,11 +81,8 @@ class I2VAdapterPipeline(T2VPipeline):
         k_vae, k_prior = jax.random.split(key)
         first = self._encode_first(self.vae, jnp.asarray(fitted), k_vae, float(self.config.vae.scaling_factor))
         prior = self.config.sample.frame_prior
-        ts = self.timesteps(steps)
-        if not 0 <= prior.start_step < len(ts):
-            raise ValueError(f"sample.frame_prior.start_step={prior.start_step}; use 0 to {len(ts) - 1} for "
-                             f"{steps} steps")
-        x_T = frame_prior.initial_latents(k_prior, first, frames, self.schedule, int(ts[prior.start_step]),
+        t0 = frame_prior.start_timestep(self.timesteps(steps), prior.start_step)
+        x_T = frame_prior.initial_latents(k_prior, first, frames, self.schedule, t0,
                                           enabled=prior.enabled, keep_prob=prior.keep_prob,
                                           kernel=prior.blur_kernel, sigma=prior.blur_sigma)
         return x_T, context, uncond, int(prior.start_step) if prior.enabled else 0, {}

@@ -168,11 +168,8 @@ class Trainer:
         if cfg.train.get("max_timestep", 0):
             raise ValueError("train.frame_prior_path draws t up to the sampler's first timestep: leave "
                              "train.max_timestep at 0")
-        ts = sampling_timesteps(cfg.schedule, schedule, cfg.sample.steps)
-        if not 0 <= prior.start_step < len(ts):
-            raise ValueError(f"sample.frame_prior.start_step={prior.start_step}; use 0 to {len(ts) - 1} for "
-                             f"{cfg.sample.steps} steps")
-        return int(ts[prior.start_step])
+        return frame_prior.start_timestep(sampling_timesteps(cfg.schedule, schedule, cfg.sample.steps),
+                                          prior.start_step)
 
     def draw_timesteps(self, key: jax.Array, batch: int) -> jax.Array:
         """Uniform training timesteps in [0, max_timestep)."""
