@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +16,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny AnimateDiff model that tests build in diffusers and load into vdjax (diffusers' GroupNorm placement).
 TINY_SPEC = "configs/animatediff_sd15.py:variant=tiny_v2,norms=diffusers"
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache for the whole run, set before any test imports JAX: the xdist workers
+    (spawned after this, with this environment) and every script a test launches share it, so a launch/ script
+    that compiles the step or sampler a test already compiled loads it instead. A fresh folder per run (removed at
+    the end), unless JAX_COMPILATION_CACHE_DIR is already set."""
+    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    config.jax_cache_dir = tempfile.mkdtemp(prefix="vdjax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache_dir
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "jax_cache_dir", None):
+        shutil.rmtree(config.jax_cache_dir, ignore_errors=True)
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 
 def pytest_collection_modifyitems(config, items):

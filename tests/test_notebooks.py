@@ -26,19 +26,11 @@ def test_the_three_notebooks_are_there():
     assert NOTEBOOKS == ["convert.ipynb", "quickstart.ipynb", "train.ipynb"]
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One JAX compilation cache for the notebooks' kernels and the scripts they run: the demo model's sampler,
-    compiled by the quickstart, is the one the training run's samples use."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_offline(name, tmp_path, monkeypatch, compilation_cache):
+def test_notebook_runs_offline(name, tmp_path, monkeypatch):
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     # The kernel inherits this environment: offline, and this checkout's vdjax first on the path.
     monkeypatch.setenv("VDJAX_OFFLINE", "1")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", compilation_cache)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
                             ).execute()
