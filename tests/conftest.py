@@ -20,19 +20,23 @@ TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attentio
 
 def pytest_configure(config):
     """One persistent JAX compilation cache for the whole run, set before any test imports JAX: the xdist workers
-    (spawned after this, with this environment) and every script a test launches share it, so a launch/ script
-    that compiles the step or sampler a test already compiled loads it instead. A fresh folder per run (removed at
-    the end), unless JAX_COMPILATION_CACHE_DIR is already set."""
+    (spawned after this, with this environment) and every script a test launches share it, so a process loads
+    what another already compiled: the step or sampler a launch/ script compiles again, and, cached however short
+    their compile, the eager kernels of random initialisation (one per parameter shape; a tiny pipeline's
+    `random_init` 18 s cold, 4 s from the cache). A fresh folder per run (removed at the end), unless
+    JAX_COMPILATION_CACHE_DIR is already set."""
     if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     config.jax_cache_dir = tempfile.mkdtemp(prefix="vdjax-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache_dir
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_unconfigure(config):
     if getattr(config, "jax_cache_dir", None):
         shutil.rmtree(config.jax_cache_dir, ignore_errors=True)
         os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+        os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
 
 
 def pytest_collection_modifyitems(config, items):

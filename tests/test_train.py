@@ -64,11 +64,12 @@ def test_only_the_motion_modules_train(trainer):
 
 
 def test_rematerialised_steps_equal_the_plain_step(pipe, trainer):
-    """train.remat full/dots (each UNet layer recomputed in the backward pass, frozen parameters included) give the
-    step that none gives."""
+    """train.remat=full (each UNet layer recomputed in the backward pass, frozen parameters included) gives the
+    step that none gives. One policy is enough here: that the setting reaches the UNet; every policy's gradients
+    are checked on the UNet in tests/test_unet_model.py."""
     state = trainer.init(0)
     expected, _ = trainer.step(state, _batch())
-    for remat in ("full", "dots"):
+    for remat in ("full",):
         config = pipe.config.copy_and_resolve_references()
         config.train.remat = remat
         other = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
