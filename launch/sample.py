@@ -34,7 +34,9 @@ written file.
 Weights come from a converted folder (`--checkpoint`, see launch/convert.py) or from PyTorch files converted at
 load time. A converted folder brings its own model config (config.json); how to sample (config.sample: steps, frame
 prior, colour matching, ... and their --config.sample.* overrides) is always --config's, and the settings where the
-folder's config.json differs are printed. `--random_init` samples with random weights (noise; for smoke tests).
+folder's config.json differs are printed (and, for a model trained with train.frame_prior_path, the settings that
+start on its training path when --config's do not). `--random_init` samples with random weights (noise; for smoke
+tests).
 Every argument is checked before any compute.
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch_helpers import ProgressBar, WeightFlags, model_differences, pipeline_class
+from vdjax.diffusion import frame_prior
 from vdjax.io.image import read_image
 from vdjax.io.mask import read_mask
 from vdjax.io.video import check_output, write_video
@@ -176,6 +179,9 @@ def _sample_as_configured(pipe, config):
                     if k not in ("checkpoint", "image", "prompt") and theirs.get(k) != config.sample.get(k))
     if differ:
         print(f"sampling as --config says; the folder's config.json differs in sample.{', sample.'.join(differ)}")
+    note = frame_prior.off_path_note(pipe.config, config.sample, pipe.timesteps)
+    if note:
+        print(f"note: {note}")
     with pipe.config.unlocked():
         pipe.config.sample = config.sample
     return pipe

@@ -198,3 +198,28 @@ def test_training_on_the_frame_prior_path_meets_the_sampler_at_every_step(pipe):
         bad.train.update(change)
         with pytest.raises(ValueError, match=message):
             Trainer(bad, pipe.unet, pipe.vae, pipe.text_encoder, **parts)
+
+
+def test_sampling_a_path_trained_model_off_its_path_is_noted(pipe):
+    """launch/sample.py prints frame_prior.off_path_note: a model trained with train.frame_prior_path (its config:
+    10 steps, the prior from step 3) sampled from another start timestep, or degraded, is told the settings that
+    start on its path; the same start (other step counts included) and models trained otherwise get no note."""
+    trained = _train_config(SPEC, frame_prior_path=True)
+    trained.sample.update(steps=10)
+    trained.sample.frame_prior.update(start_step=3, keep_prob=1.0)
+    note = lambda model, sample: frame_prior.off_path_note(model, sample, pipe.timesteps)
+    assert note(trained, trained.sample) is None
+    assert note(pipe.config, pipe.config.sample) is None  # not trained on the path
+    t0 = int(pipe.timesteps(10)[3])
+    same_start = trained.sample.copy_and_resolve_references()
+    same_start.steps = 20
+    same_start.frame_prior.start_step = int(np.flatnonzero(pipe.timesteps(20) == t0)[0])
+    assert note(trained, same_start) is None
+    for change in (dict(start_step=4), dict(keep_prob=0.9), dict(enabled=False)):
+        other = trained.sample.copy_and_resolve_references()
+        other.frame_prior.update(change)
+        assert note(trained, other) == (
+            f"this model was trained on the Frame Similarity Prior's path from t={t0} (train.frame_prior_path), which "
+            "this sampler does not start on; to sample on it: --config.sample.steps=10 "
+            "--config.sample.frame_prior.start_step=3 --config.sample.frame_prior.keep_prob=1 "
+            "--config.sample.frame_prior.enabled=True"), change

@@ -72,3 +72,22 @@ def path_noise(noise: jax.Array, latents: jax.Array, alpha_t0) -> jax.Array:
     sqrt(abar_t0) z_f + sqrt(1 - abar_t0) eps' = sqrt(abar_t0) z_0 + sqrt(1 - abar_t0) eps, the prior's start, and
     deterministic DDIM from there with an eps' predictor stays on sqrt(abar_t) z_f + sqrt(1 - abar_t) eps'."""
     return noise + jnp.sqrt(alpha_t0 / (1 - alpha_t0)) * (latents[:, :1] - latents)
+
+
+def off_path_note(model_config, sample, timesteps) -> str | None:
+    """A model trained with train.frame_prior_path (`model_config`: its own config, sample section included) learnt
+    the path through its sampler's prior start; sampled with `sample` (a config.sample) it starts on that path only
+    from the same timestep with the prior undegraded. None when it does, or when the model was not trained so;
+    else what to set. timesteps(steps): the sampler's timesteps (the pipeline's `timesteps`)."""
+    if not model_config.get("train", {}).get("frame_prior_path", False):
+        return None
+    trained = model_config.sample
+    t0 = start_timestep(timesteps(trained.steps), trained.frame_prior.start_step)
+    prior = sample.get("frame_prior")
+    if (prior is not None and prior.enabled and prior.keep_prob == 1 and 0 <= prior.start_step < sample.steps
+            and start_timestep(timesteps(sample.steps), prior.start_step) == t0):
+        return None
+    return (f"this model was trained on the Frame Similarity Prior's path from t={t0} (train.frame_prior_path), "
+            f"which this sampler does not start on; to sample on it: --config.sample.steps={trained.steps} "
+            f"--config.sample.frame_prior.start_step={trained.frame_prior.start_step} "
+            "--config.sample.frame_prior.keep_prob=1 --config.sample.frame_prior.enabled=True")
