@@ -16,6 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny AnimateDiff model that tests build in diffusers and load into vdjax (diffusers' GroupNorm placement).
 TINY_SPEC = "configs/animatediff_sd15.py:variant=tiny_v2,norms=diffusers"
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
+# The tiny AnimateDiff model the training tests train (tests/test_train.py, tests/test_train_runs.py).
+TRAIN_SPEC = "configs/animatediff_sd15.py:variant=tiny_v2"
 
 
 def pytest_configure(config):
@@ -167,3 +169,21 @@ def shapes_only(keys: dict, name: str):
     def load(key):
         raise AssertionError(f"{name}: shape-only check read {key}")
     return LazyStateDict(name, {k: tuple(v) for k, v in keys.items()}, load)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """TRAIN_SPEC's pipeline with random weights (one per test module)."""
+    from vdjax.pipelines.t2v import T2VPipeline
+
+    return T2VPipeline.random_init(load_config(TRAIN_SPEC))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_pipe, tmp_path_factory):
+    """tiny_pipe as a converted folder, so that subprocesses (launch/train.py) load it in a second."""
+    from vdjax.convert import converted
+
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    converted.save(str(folder), tiny_pipe.config, {part: getattr(tiny_pipe, part) for part in tiny_pipe.PARTS})
+    return str(folder)

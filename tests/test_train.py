@@ -1,5 +1,6 @@
-"""The trainer: frozen vs trainable parameters, sharded steps equal the single-device step, checkpoints and
-resumption, SIGTERM, a NaN stop, bad configurations."""
+"""The trainer's step: frozen vs trainable parameters, rematerialisation, timestep bounds, the subject loss, sharded
+steps equal the single-device step, the batch stream, the loop's in-flight step, a tiny model overfitting.
+launch/train.py's runs (checkpoints, resumption, SIGTERM, several processes) are in tests/test_train_runs.py."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, load_config, max_abs_error
-from vdjax.pipelines.t2v import T2VPipeline
+from conftest import ROOT, TRAIN_SPEC, load_config, max_abs_error
 from vdjax.train.step import Trainer
 
-SPEC = "configs/animatediff_sd15.py:variant=tiny_v2"
+SPEC = TRAIN_SPEC
 
 
 def _batch(seed=0, n=2, frames=4):
@@ -26,23 +26,8 @@ def _batch(seed=0, n=2, frames=4):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return T2VPipeline.random_init(load_config(SPEC))
-
-
-@pytest.fixture(scope="module")
-def trainer(pipe):
-    return Trainer(pipe.config, pipe.unet, pipe.vae, pipe.text_encoder)
-
-
-@pytest.fixture(scope="module")
-def model_folder(pipe, tmp_path_factory):
-    """The random tiny model as a converted folder, so that subprocesses load it in a second."""
-    from vdjax.convert import converted
-
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    converted.save(str(folder), pipe.config, {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder})
-    return str(folder)
+def trainer(tiny_pipe):
+    return Trainer(tiny_pipe.config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
 
 
 def test_only_the_motion_modules_train(trainer):
@@ -63,43 +48,43 @@ def test_only_the_motion_modules_train(trainer):
     assert int(state.step) == 3
 
 
-def test_rematerialised_steps_equal_the_plain_step(pipe, trainer):
+def test_rematerialised_steps_equal_the_plain_step(tiny_pipe, trainer):
     """train.remat=full (each UNet layer recomputed in the backward pass, frozen parameters included) gives the
     step that none gives. One policy is enough here: that the setting reaches the UNet; every policy's gradients
     are checked on the UNet in tests/test_unet_model.py."""
     state = trainer.init(0)
     expected, _ = trainer.step(state, _batch())
     for remat in ("full",):
-        config = pipe.config.copy_and_resolve_references()
+        config = tiny_pipe.config.copy_and_resolve_references()
         config.train.remat = remat
-        other = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+        other = Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
         got, _ = other.step(other.init(0), _batch())
         leaves = zip(jax.tree.leaves(got.trainable), jax.tree.leaves(expected.trainable))
         errors = [max_abs_error(a, b) for a, b in leaves]
         assert max(errors) <= 1e-6, (remat, max(errors))
 
 
-def test_max_timestep_bounds_the_training_timesteps(pipe, trainer):
+def test_max_timestep_bounds_the_training_timesteps(tiny_pipe, trainer):
     key = jax.random.key(0)
     assert int(trainer.draw_timesteps(key, 4096).max()) >= 990  # the default: the whole schedule
-    config = pipe.config.copy_and_resolve_references()
+    config = tiny_pipe.config.copy_and_resolve_references()
     config.train.max_timestep = 700
-    t = np.asarray(Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder).draw_timesteps(key, 4096))
+    t = np.asarray(Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder).draw_timesteps(key, 4096))
     assert t.min() >= 0 and 690 <= t.max() < 700
     config.train.max_timestep = 1001
     with pytest.raises(ValueError, match="max_timestep=1001; use 1 to 1000"):
-        Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+        Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
 
 
-def test_subject_loss_weight_weighs_the_subject_blocks(pipe, trainer):
+def test_subject_loss_weight_weighs_the_subject_blocks(tiny_pipe, trainer):
     """train.subject_loss_weight = w: the squared error is a weighted mean, 1 + w on latent pixels whose block of
     the frame's subject mask has any subject. Uniform masks (none, or all subject) give the plain mean's loss."""
-    config = pipe.config.copy_and_resolve_references()
+    config = tiny_pipe.config.copy_and_resolve_references()
     config.train.subject_loss_weight = 4.0
-    weighted = Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+    weighted = Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
     masks = np.zeros((2, 4, 32, 32), np.float32)
     masks[1, 2, 9, 30] = 1.0  # one subject pixel: its latent block only
-    factor = pipe.vae.downsampling_factor
+    factor = tiny_pipe.vae.downsampling_factor
     weights = np.asarray(weighted._loss_weights({"frame_masks": masks}, (2, 4, 32 // factor, 32 // factor, 4)))
     expected = np.ones((2, 4, 32 // factor, 32 // factor, 1), np.float32)
     expected[1, 2, 9 // factor, 30 // factor] = 5.0
@@ -118,7 +103,7 @@ def test_subject_loss_weight_weighs_the_subject_blocks(pipe, trainer):
         weighted.step(weighted.init(0), _batch(7))
     config.train.subject_loss_weight = -1.0
     with pytest.raises(ValueError, match="subject_loss_weight=-1.0"):
-        Trainer(config, pipe.unet, pipe.vae, pipe.text_encoder)
+        Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
 
 
 def test_the_stream_gives_every_frame_s_subject_mask_when_asked():
@@ -178,18 +163,16 @@ print(json.dumps(report))
 """
 
 
-def test_sharded_steps_equal_the_single_device_step(model_folder, tmp_path):
+def test_sharded_steps_equal_the_single_device_step(trainer, tiny_folder, tmp_path):
     """8 fake CPU devices: data=2 x tensor=2 x fsdp=2 (every mesh axis at once) against one device (this process), two
     steps. The same math in another order of float32 sums: we require 1e-5 on the loss and on the parameters."""
-    single = T2VPipeline.from_converted(model_folder)
-    trainer = Trainer(single.config, single.unet, single.vae, single.text_encoder)
-    state, ref_losses = trainer.init(0), []
+    state, ref_losses = trainer.init(0), []  # the module's trainer: tiny_folder's weights
     for i in range(2):
         state, m = trainer.step(state, _batch(i, n=8))
         ref_losses.append(float(m["loss"]))
     ref_params = [np.asarray(x) for x in jax.tree.leaves(state.trainable)]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SHARDED, SPEC, model_folder, str(tmp_path)], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-c", SHARDED, SPEC, tiny_folder, str(tmp_path)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -201,108 +184,6 @@ def test_sharded_steps_equal_the_single_device_step(model_folder, tmp_path):
         print(f"{name}: loss diff {loss_diff:.2e}, parameter diff {param_diff:.2e}")
         assert loss_diff <= 1e-5 and param_diff <= 1e-5
         assert "not divisible" in report[name]["bad_batch"]
-
-
-def _train_cmd(workdir, model_folder, steps, *extra):
-    return [sys.executable, "launch/train.py", f"--config={SPEC}", f"--workdir={workdir}", f"--checkpoint={model_folder}",
-            f"--num_steps={steps}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-            "--config.data.num_frames=4", *extra]
-
-
-def _final_params(workdir, step=None):
-    """The parameters of the last (or the given) checkpoint, restored onto this process's one device."""
-    import orbax.checkpoint as ocp
-
-    ckpt = os.path.join(workdir, "checkpoints")
-    step = step or max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-    path = os.path.join(ckpt, str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata.tree)
-    return step, checkpointer.restore(path, target)
-
-
-def _wait_for(predicate, proc, timeout=300):
-    import time
-
-    start = time.time()
-    while not predicate():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() - start < timeout, "timed out"
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def clean_run(model_folder, tmp_path_factory):
-    """An uninterrupted 8-step run on one process, with a (short) sample video at step 8."""
-    workdir = tmp_path_factory.mktemp("clean")
-    clean = subprocess.run(_train_cmd(workdir, model_folder, 8, "--config.train.sample_every=8",
-                                      "--config.sample.steps=2", "--config.sample.num_frames=4"),
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    return workdir
-
-
-def test_a_run_writes_metrics_summaries_and_samples(clean_run):
-    metrics = [json.loads(line) for line in (clean_run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    assert all({"loss", "grad_norm", "lr", "steps_per_s", "examples_per_s"} <= set(m) for m in metrics)
-    events = list((clean_run / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
-    from vdjax.io.video import read_video
-    video = read_video(str(clean_run / "samples" / "step_0000008.gif"))
-    assert video.shape == (4, 32, 32, 3)
-
-
-@pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_parameters(clean_run, model_folder, tmp_path):
-    """SIGKILL after the step-4 checkpoint, restart: the final parameters equal an uninterrupted run's."""
-    import signal
-
-    steps = 8
-    workdir = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(workdir, model_folder, steps), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run(_train_cmd(workdir, model_folder, steps), cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step" in resumed.stderr
-    (step_a, a), (step_b, b) = _final_params(clean_run), _final_params(workdir)
-    assert step_a == step_b == steps
-    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-
-@pytest.mark.slow
-def test_two_processes_equal_one_with_the_same_global_batch(clean_run, model_folder, tmp_path):
-    """Two processes on 127.0.0.1 (jax.distributed, one CPU device each, data axis 2) train 4 steps, each host
-    feeding only its half of every global batch of 2: the parameters equal the one-process run's (which feeds both
-    rows) to 1e-5 — the same math with the batch mean summed across devices in another order. Had both hosts fed
-    the same rows, the gradients, and so the parameters, would differ by far more."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path / "two_hosts"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen(_train_cmd(workdir, model_folder, 4, "--distributed", f"--coordinator=127.0.0.1:{port}",
-                                         "--num_processes=2", f"--process_id={i}"),
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    assert "devices: 2 on 2 host(s)" in outputs[0]
-    (step_a, a), (step_b, b) = _final_params(clean_run, 4), _final_params(workdir)
-    assert step_a == step_b == 4
-    diff = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
-    print(f"two processes vs one: max parameter difference {diff:.2e}")
-    assert diff <= 1e-5
 
 
 def test_every_host_gets_its_own_rows_of_the_same_global_batch():
@@ -317,21 +198,6 @@ def test_every_host_gets_its_own_rows_of_the_same_global_batch():
         for key in ("video", "input_ids"):
             np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
         assert not np.array_equal(parts[0]["video"], parts[1]["video"])
-
-
-def test_sigterm_saves_at_the_current_step_and_exits_cleanly(model_folder, tmp_path):
-    import signal
-
-    workdir = tmp_path / "preempted"
-    proc = subprocess.Popen(_train_cmd(workdir, model_folder, 1000, "--config.train.checkpoint_every=1000"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = workdir / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0
-    step, _ = _final_params(workdir)
-    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
-    assert step == last_logged and 3 <= step < 1000
 
 
 def test_the_loop_keeps_one_step_in_flight_so_sigterm_is_seen_at_once(trainer, tmp_path, monkeypatch):
@@ -372,43 +238,6 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
         Checkpoints(str(tmp_path), cfg)
 
 
-def _params(model):
-    return {path: np.asarray(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def test_a_checkpoint_loads_into_the_model_the_config_describes(pipe, model_folder, tmp_path):
-    """launch/train.py --checkpoint builds what --config says and loads the folder's weights into it (before, the
-    folder's config.json silently won, and --export then wrote --config's next to weights of another shape). A
-    UNet of other widths is refused, naming the parameters, before any training; --init=unet starts it from scratch
-    while the other parts still load."""
-    from vdjax.convert.converted import CheckpointError
-
-    cfg = load_config(SPEC)
-    cfg.unet.norm_eps = 1e-3  # the same parameters, another model
-    loaded = T2VPipeline.from_converted(model_folder, config=cfg)
-    assert loaded.unet.config.norm_eps == 1e-3 and loaded.config.unet.norm_eps == 1e-3
-    assert all(np.array_equal(v, _params(pipe.unet)[k]) for k, v in _params(loaded.unet).items())
-
-    cfg.unet.block_out_channels = tuple(2 * c for c in cfg.unet.block_out_channels)
-    with pytest.raises(CheckpointError, match=r"the unet the config describes does not fit.*conv_in\.kernel"):
-        T2VPipeline.from_converted(model_folder, config=cfg)
-    fresh = T2VPipeline.from_converted(model_folder, config=cfg, init=("unet",))
-    assert fresh.unet.conv_in.kernel.shape[-1] == cfg.unet.block_out_channels[0]
-    assert all(np.array_equal(v, _params(pipe.vae)[k]) for k, v in _params(fresh.vae).items())
-    added = load_config(SPEC)
-    added.unet.first_frame_attention = True  # I2V-Adapter's new projections, which an AnimateDiff folder lacks
-    with pytest.raises(CheckpointError, match=r"to_q_ff.*absent\).*adds parameters the folder lacks: convert"):
-        T2VPipeline.from_converted(model_folder, config=added)
-    with pytest.raises(ValueError, match="no part unte"):
-        T2VPipeline.from_converted(model_folder, init=("unte",))
-
-    wide = f"--config.unet.block_out_channels=({','.join(map(str, cfg.unet.block_out_channels))})"
-    result = subprocess.run(_train_cmd(tmp_path / "wide", model_folder, 1, wide), cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode != 0 and "--init=PART" in result.stderr and "conv_in.kernel" in result.stderr
-    assert not (tmp_path / "wide" / "checkpoints").exists()
-
-
 def test_a_tiny_model_overfits_one_moving_shapes_clip(trainer):
     """Same clip and caption every step (timesteps and noise still random): the loss must fall by at least 1.5x
     within 60 steps — measured 1.8x (printed)."""
@@ -425,10 +254,3 @@ def test_a_tiny_model_overfits_one_moving_shapes_clip(trainer):
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     print(f"overfit: loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
     assert first / last >= 1.5
-
-
-def test_tpu_launcher_dry_run_prints_the_command():
-    result = subprocess.run(["bash", "launch/tpu/run.sh", "--dry-run", "my-tpu", "us-central2-b", "--", "python",
-                             "launch/train.py", "--distributed"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "--worker=all" in result.stdout and "launch/train.py" in result.stdout
