@@ -84,6 +84,7 @@ def off_path_note(model_config, sample, timesteps) -> str | None:
     trained = model_config.sample
     t0 = start_timestep(timesteps(trained.steps), trained.frame_prior.start_step)
     prior = sample.get("frame_prior")
+    # An out-of-range start_step is left to the sampler's own argument check (a usage error, not a traceback here).
     if (prior is not None and prior.enabled and prior.keep_prob == 1 and 0 <= prior.start_step < sample.steps
             and start_timestep(timesteps(sample.steps), prior.start_step) == t0):
         return None
