@@ -7,6 +7,7 @@ from flax import nnx
 
 from vdjax.layers.attention import (AdaptivePromptsAttention, Attention, DecoupledCrossAttention,
                                     FirstFrameAttention)
+from vdjax.layers.embeddings import position_table
 from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, layer_norm
 
 
@@ -29,11 +30,14 @@ class BasicTransformerBlock(nnx.Module):
     `image_split`: the cross-attention is decoupled into text and image tokens (see `DecoupledCrossAttention`):
     `{'text_tokens': 77}` as VideoCrafter's I2V model, `{'image_tokens': n}` as IP-Adapter; with
     `'adaptive': (alpha1, alpha2)` MagDiff's learnable weights (`AdaptivePromptsAttention`). `first_frame`: the
-    self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`)."""
+    self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`). `temporal`: MagDiff's released
+    block (videoassembler, after Tune-A-Video) with a temporal self-attention over each token's frames between the
+    cross-attention and the feed-forward (`temp_norm`, `temp_attn`; its output projection starts at zero), and
+    with `frame_positions` a sinusoid over the frames added to the stream before it."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_split: dict | None = None,
-                 image_scale: float = 1.0, first_frame: bool = False, impl: str = "auto", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 image_scale: float = 1.0, first_frame: bool = False, temporal: bool = False,
+                 frame_positions: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn1 = (FirstFrameAttention if first_frame else Attention)(dim, heads, head_dim, impl=impl, dtype=dtype,
                                                                          rngs=rngs)
@@ -49,12 +53,29 @@ class BasicTransformerBlock(nnx.Module):
                                                  image_scale=image_scale, impl=impl, dtype=dtype, rngs=rngs)
         else:
             self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, impl=impl, dtype=dtype, rngs=rngs)
+        self.temp_norm = layer_norm(dim, dtype=dtype, rngs=rngs) if temporal else None
+        self.temp_attn = Attention(dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs) if temporal else None
+        if temporal:  # upstream zero-initialises its output projection: the block starts as the image block
+            for p in (self.temp_attn.to_out.kernel, self.temp_attn.to_out.bias):
+                p.set_value(jnp.zeros_like(p.get_value()))
+        self.frame_positions = frame_positions
         self.norm3 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
+    def _temporal(self, x: jax.Array, frames: int) -> jax.Array:
+        """(B*F, T, dim) -> the same, with each token attending over its clip's frames."""
+        if frames <= 1:
+            return x  # upstream leaves single images alone (adds 0 x the temporal output)
+        n, tokens, dim = x.shape
+        h = x.reshape(n // frames, frames, tokens, dim).transpose(0, 2, 1, 3).reshape(-1, frames, dim)
+        if self.frame_positions:  # added to the stream itself, so the residual carries it too (as upstream)
+            h = h + jnp.asarray(position_table(frames, dim)[0], h.dtype)
+        h = h + self.temp_attn(self.temp_norm(h))
+        return h.reshape(n // frames, tokens, frames, dim).transpose(0, 2, 1, 3).reshape(x.shape)
+
     def __call__(self, x: jax.Array, context: jax.Array, *, num_frames: int | None = None) -> jax.Array:
         """x: (B*F, T, dim) tokens of each frame; context: (B, S, context_dim), one per clip (or one per frame,
-        then give `num_frames` for the first-frame attention's clips)."""
+        then give `num_frames` for the first-frame and temporal attentions' clips)."""
         clips = context.shape[0]
         if self.first_frame:
             x = x + self.attn1(self.norm1(x), clips=x.shape[0] // num_frames if num_frames else clips)
@@ -64,6 +85,8 @@ class BasicTransformerBlock(nnx.Module):
         # context's keys and values are projected once per clip instead of once per frame.
         h = self.norm2(x).reshape(clips, -1, x.shape[-1])
         x = x + self.attn2(h, context).reshape(x.shape)
+        if self.temp_attn is not None:
+            x = self._temporal(x, num_frames or x.shape[0] // clips)
         return x + self.ff(self.norm3(x))
 
 
@@ -72,7 +95,8 @@ class SpatialTransformer(nnx.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, *, num_layers: int = 1, groups: int = 32,
                  use_linear_projection: bool = False, image_split: dict | None = None, image_scale: float = 1.0,
-                 first_frame: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 first_frame: bool = False, temporal: bool = False, frame_positions: bool = False,
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"spatial transformer: {channels} channels do not split into {heads} heads")
         self.use_linear_projection = use_linear_projection
@@ -82,7 +106,8 @@ class SpatialTransformer(nnx.Module):
         self.proj_in = project()
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(channels, heads, channels // heads, context_dim, image_split=image_split,
-                                  image_scale=image_scale, first_frame=first_frame, impl=impl, dtype=dtype, rngs=rngs)
+                                  image_scale=image_scale, first_frame=first_frame, temporal=temporal,
+                                  frame_positions=frame_positions, impl=impl, dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
         self.proj_out = project()
 
