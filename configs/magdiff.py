@@ -3,6 +3,7 @@
     --config=configs/magdiff.py                        (variant=sd21: 16 x 320 x 512, OpenCLIP ViT-H)
     --config=configs/magdiff.py:variant=tiny           (test size)
     --config=configs/magdiff.py:variant=tiny,hfa=single
+    --config=configs/magdiff.py:temporal=videoassembler  (the released code's UNet layout; also with variant=tiny)
 
 No MagDiff weights are published: the model is trained with vdjax (launch/train.py), starting from VideoCrafter's
 SD 2.1-base UNet with LVDM temporal layers (--checkpoint of a converted VideoCrafter I2V 512 model, or random init):
@@ -14,6 +15,10 @@ SD 2.1-base UNet with LVDM temporal layers (--checkpoint of a converted VideoCra
 - High-Fidelity Alignment: the subject image at `hfa` scales — 'pyramid' (1, 1/2, 1/4: the paper's) or 'single'
   (the released code's full size only) — VAE-encoded without noise, fused by a 3x3 conv, concatenated with the noisy
   latent (conv_in widened by 4 zero-initialised channels).
+The UNet's temporal layers: `temporal=lvdm` (VideoCrafter's temporal transformers, init_attn and fps conditioning,
+the weights it starts from) or `temporal=videoassembler` (the released code's: a temporal self-attention inside
+every spatial transformer block with a sinusoid over the frames, temporal convs, GroupNorm over the clip in the
+resnets; vdjax.convert.magdiff.videoassembler_unet). Both convert from the same VideoCrafter file.
 Training as the released code: zero-terminal-SNR DDPM with epsilon prediction, text dropped with probability 0.15,
 the temporal layers, spatial self-attention, APA and conv_in (+ the fusion conv) trainable. Sampling uses the same
 schedule with DDIM (leading spacing, so the first step is not the zero-SNR step that epsilon cannot take); guidance
@@ -23,6 +28,7 @@ region outside the subject mask back onto the inversion (sample.edit_blend).
 """
 import ml_collections
 
+from vdjax.convert.magdiff import videoassembler_unet
 from vdjax.convert.videocrafter import RELEASES, unet_config
 from vdjax.models import openclip, resampler, vae
 
@@ -39,6 +45,10 @@ TRAINABLE = (r"motion_modules", r"init_attention", r"temporal_convs",  # tempora
              r"attentions\.\d+\.transformer_blocks\.\d+\.attn1\.",  # spatial self-attention
              r"attn2\.(to_k_ip|to_v_ip|text_cross_attention_scale|image_cross_attention_scale)",  # APA
              r"^conv_in\.", r"^subject_fusion\.")  # HFA
+TEMPORAL = ("lvdm", "videoassembler")
+# The released code's trainable_modules ("temp_", "transformer_blocks\.\d+", "conv_in"): the temporal layers,
+# every parameter of the spatial transformer blocks, conv_in (+ the fusion conv).
+TRAINABLE_VIDEOASSEMBLER = (r"temporal_convs", r"transformer_blocks\.\d+\.", r"^conv_in\.", r"^subject_fusion\.")
 
 
 def get_config(arg: str = "variant=sd21") -> ml_collections.ConfigDict:
@@ -49,6 +59,9 @@ def get_config(arg: str = "variant=sd21") -> ml_collections.ConfigDict:
     hfa = args.get("hfa", "pyramid")
     if hfa not in HFA:
         raise ValueError(f"hfa={hfa!r}; choose 'pyramid' (the paper's three scales) or 'single' (the released code's)")
+    temporal = args.get("temporal", "lvdm")
+    if temporal not in TEMPORAL:
+        raise ValueError(f"temporal={temporal!r}; choose one of {', '.join(TEMPORAL)}")
     tiny = variant == "tiny"
     config = ml_collections.ConfigDict()
     config.family = "magdiff"
@@ -56,6 +69,8 @@ def get_config(arg: str = "variant=sd21") -> ml_collections.ConfigDict:
     config.unet = unet_config({**_BASE, **(_TINY if tiny else {})})
     config.unet.update(image_cross_attention="magdiff_apa", apa_scales=(1.0, 1.5))
     config.unet.subject.update(channels=4, scales=HFA[hfa])
+    if temporal == "videoassembler":
+        config.unet = videoassembler_unet(config.unet)
     config.vae = vae.tiny_config() if tiny else vae.base_config()
     config.text_encoder_kind = "openclip"
     config.text_encoder = openclip.text_config("tiny" if tiny else "vit_h14")
@@ -77,6 +92,8 @@ def get_config(arg: str = "variant=sd21") -> ml_collections.ConfigDict:
         ema_decay=0.9999, remat="full", seed=0, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
         caption_dropout=0.15, mesh=dict(data=-1, fsdp=1, tensor=1), sample_every=0,
         subject_loss_weight=0.0, sample_prompt="a red circle and a blue square moving right"))
+    if temporal == "videoassembler":
+        config.train.trainable = TRAINABLE_VIDEOASSEMBLER
     config.data = ml_collections.ConfigDict(dict(source="moving_shapes", folder="", tfds_dir="", num_examples=10_000,
                                                  num_frames=16, size=256, frame_stride=1))
     if tiny:

@@ -138,6 +138,55 @@ def test_full_size_model_by_shape():
                            for p in spatial)
 
 
+def test_released_code_layout_full_size_by_shape():
+    """temporal=videoassembler: SD 2.1-base's UNet with a temporal attention in each of its 16 transformer blocks
+    (upstream's names: ...transformer_blocks.0.temp_attn / temp_norm), temporal convs after every resnet, no LVDM
+    temporal transformers, init_attn or fps embedding; the released code's trainable set."""
+    from vdjax.convert.diffusers import unet_key
+    from vdjax.train.state import split_trainable
+
+    cfg = load_config(SPEC.format("sd21") + ",temporal=videoassembler")
+    model = abstract_unet(cfg.unet)
+    keys = {unet_key(p) for p in _params(model)}
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.temp_attn.to_q.weight" in keys
+    assert "mid_block.attentions.0.transformer_blocks.0.temp_norm.weight" in keys
+    assert len([k for k in keys if k.endswith("temp_attn.to_out.0.weight")]) == 16
+    assert not [k for k in keys if re.match(r"(.*motion_modules|init_attention|fps_embedding)", k)]
+    assert len([k for k in keys if re.search(r"temporal_convs\.\d+\.convs\.3\.weight", k)]) == 2 * 4 + 2 + 3 * 4
+    assert _params(model)[("conv_in", "kernel")].shape == (3, 3, 8, 320)
+    _, trainable, frozen = split_trainable(model, cfg.train.trainable)
+    count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+    n_train, n_frozen = count(trainable), count(nnx.state(frozen, nnx.Param))
+    print(f"MagDiff sd21 UNet in the released code's layout: {n_train:,} trainable of {n_train + n_frozen:,}")
+    frozen_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(frozen, nnx.Param))}
+    assert not [p for p in frozen_paths if "transformer_blocks" in p or "temporal_convs" in p]
+    assert all(re.search(r"resnets|time_embedding|(down|up)sampler|conv_norm_out|conv_out|attentions\.\d+\.(norm|proj_)",
+                         p) for p in frozen_paths)
+
+
+def test_released_code_layout_starts_as_its_image_model_without_frame_positions():
+    """At init the in-block temporal attentions (output projection zero) and the temporal convs (last conv zero)
+    add nothing: without the frame sinusoid the tiny UNet equals the same weights with no temporal layers. With it
+    (the released inference config's add_temp_embed) the sinusoid stays in the stream, as upstream adds it there."""
+    cfg = load_config(SPEC.format("tiny") + ",temporal=videoassembler").unet
+    cfg.motion.frame_positions = False
+    model = UNet3D(cfg, rngs=InitKeys(0))
+    image_cfg = cfg.copy_and_resolve_references()
+    image_cfg.motion.kind, image_cfg.temporal_conv = "none", False
+    image = UNet3D(image_cfg, rngs=InitKeys(1))
+    _set(image, _params(model))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 3, 4, 4, 4)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((1, cfg.text_context_tokens + 4, cfg.cross_attention_dim)), jnp.float32)
+    pyramid = tuple(jnp.asarray(rng.standard_normal((1, *size, 4)), jnp.float32) for size in [(4, 4), (2, 2), (1, 1)])
+    forward = jax.jit(lambda g, s, x: nnx.merge(g, s)(x, jnp.array([300]), context, subject=pyramid))
+    run = lambda m, x: forward(*nnx.split(m), x)
+    want = run(image, x)
+    assert float(jnp.max(jnp.abs(run(model, x) - want))) <= 1e-5
+    model.down_blocks[0].attentions[0].transformer_blocks[0].frame_positions = True
+    assert float(jnp.max(jnp.abs(run(model, x) - want))) > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training.
 
@@ -282,6 +331,34 @@ def test_starts_from_a_videocrafter_i2v_checkpoint(tmp_path):
     err = float(jnp.max(jnp.abs(ours - want)))
     print(f"MagDiff from VideoCrafter I2V (alpha2 = its image scale, zero subject channels): max abs error {err:.1e}")
     assert err <= 1e-5
+
+
+def test_released_code_layout_starts_from_the_same_videocrafter_checkpoint(tmp_path):
+    """temporal=videoassembler from the same file: the 2-D UNet, temporal convs and image cross-attention as in the
+    file, the in-block temporal attentions at their init, the LVDM temporal transformers dropped."""
+    import torch
+
+    from test_videocrafter_convert import config as vc_config, released_state_dict, tiny_models
+    from vdjax.convert import sources
+
+    models = tiny_models("tiny_i2v_512_v1")
+    state = released_state_dict(models, vc_config("tiny_i2v_512_v1"))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}}, ckpt)
+    loaded = sources.load_models(load_config(SPEC.format("tiny") + ",temporal=videoassembler"), model=str(ckpt),
+                                 parts=("unet",))
+    got, base = _params(loaded["unet"]), _params(models["unet"])
+    magdiff_parts = lambda p: p[0] == "subject_fusion" or p[-1] in ("text_cross_attention_scale",
+                                                                    "image_cross_attention_scale")
+    new = [p for p in got if p not in base and not magdiff_parts(p)]
+    assert new and all("temp_attn" in p or "temp_norm" in p for p in new)
+    assert all(not np.asarray(got[p]).any() for p in new if "to_out" in p)
+    assert any("temporal_convs" in p for p in got)
+    for path in got:
+        if path == ("conv_in", "kernel"):
+            np.testing.assert_array_equal(got[path][:, :, :4], base[path])
+        elif path not in new and not magdiff_parts(path):
+            np.testing.assert_array_equal(got[path], base[path])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Declared options that are not built yet, and the issue that brings each.
 _NOT_YET: dict = {}  # (option, value) -> the issue that builds it; empty while every declared option is built
 _CHOICES = {
-    "motion.kind": ("none", "animatediff", "lvdm"),
+    "motion.kind": ("none", "animatediff", "lvdm", "videoassembler"),
     "motion.norm_scope": ("frame", "clip"),
     "resnet_norm_scope": ("frame", "clip"),
     "image_cross_attention": ("none", "lvdm_dual", "ip_adapter", "magdiff_apa"),
@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
         freq_shift=0,
         motion=dict(
             # 'animatediff': a motion module after every resnet (+ spatial transformer) of every level;
-            # 'lvdm': VideoCrafter's temporal transformer after every spatial transformer (its heads).
+            # 'lvdm': VideoCrafter's temporal transformer after every spatial transformer (its heads);
+            # 'videoassembler': MagDiff's released UNet, a temporal self-attention inside every spatial transformer
+            # block, between its cross-attention and feed-forward (the spatial heads).
             kind="none",
             num_attention_heads=8,  # animatediff only
             transformer_layers=1,
@@ -65,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
             norm_scope="frame",  # 'clip': diffusers' AnimateDiffTransformer3D normalises over all frames
             relative_position=False,  # lvdm: learned relative-position tables in temporal attention
             causal=False,  # lvdm: frame i attends to frames 0..i only
+            frame_positions=False,  # videoassembler: a sinusoid over the frames added before it (add_temp_embed)
         ),
         # Decoupled image cross-attention (image tokens with their own key/value, added with a scale):
         # 'lvdm_dual': VideoCrafter I2V, image tokens after `text_context_tokens` text tokens;
@@ -177,8 +180,10 @@ def _transformers(cfg, ch, level, n, dtype, rngs):
                                         num_layers=cfg.transformer_layers, groups=cfg.norm_num_groups,
                                         use_linear_projection=cfg.use_linear_projection,
                                         image_split=_image_split(cfg), image_scale=cfg.image_attention_scale,
-                                        first_frame=cfg.first_frame_attention, impl=cfg.attention_impl, dtype=dtype,
-                                        rngs=rngs) for _ in range(n)])
+                                        first_frame=cfg.first_frame_attention,
+                                        temporal=cfg.motion.kind == "videoassembler",
+                                        frame_positions=cfg.motion.frame_positions, impl=cfg.attention_impl,
+                                        dtype=dtype, rngs=rngs) for _ in range(n)])
 
 
 def _image_split(cfg) -> dict | None:
@@ -190,8 +195,8 @@ def _image_split(cfg) -> dict | None:
 
 def _motion_modules(cfg, ch, n, level, dtype, rngs, *, mid=False):
     m = cfg.motion
-    if m.kind == "none" or (m.kind == "lvdm" and not (mid or cfg.attention_levels[level])):
-        return None  # lvdm: only after spatial transformers (the middle block always has one)
+    if m.kind in ("none", "videoassembler") or (m.kind == "lvdm" and not (mid or cfg.attention_levels[level])):
+        return None  # lvdm: only after spatial transformers (the middle block always has one); videoassembler: in them
     if m.kind == "lvdm":  # heads as the spatial transformer it follows; projections as its (linear or conv)
         make = lambda: TemporalTransformer(
             ch, cfg.num_attention_heads[level], num_layers=m.transformer_layers, max_positions=0,
