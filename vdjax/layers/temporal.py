@@ -102,9 +102,12 @@ class TemporalTransformer(nnx.Module):
 
 class TemporalConvBlock(nnx.Module):
     """VideoCrafter's temporal convolution after a ResBlock: 4 x [GroupNorm over the clip, SiLU, Conv3d with
-    kernel (3, 1, 1) (over frames only, zero-padded)], plus the input. The last conv starts at zero (identity)."""
+    kernel (3, 1, 1) (over frames only, zero-padded)], plus the input. The last conv starts at zero (identity).
+    `images_unchanged`: a single frame passes unchanged (MagDiff's released TemporalConvLayer)."""
 
-    def __init__(self, channels: int, *, groups: int = 32, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, groups: int = 32, eps: float = 1e-5, images_unchanged: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.images_unchanged = images_unchanged
         self.norms = nnx.List([GroupNorm(groups, channels, eps=eps, dtype=dtype, rngs=rngs) for _ in range(4)])
         self.convs = nnx.List([
             nnx.Conv(channels, channels, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), dtype=dtype,
@@ -115,6 +118,8 @@ class TemporalConvBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
         """x: (B*F, H, W, C), frames of a clip adjacent -> same shape."""
+        if self.images_unchanged and num_frames == 1:
+            return x
         n, hgt, wid, c = x.shape
         h = x.reshape(n // num_frames, num_frames, hgt, wid, c)
         for norm, conv in zip(self.norms, self.convs):

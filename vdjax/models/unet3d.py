@@ -213,7 +213,9 @@ def _motion_modules(cfg, ch, n, level, dtype, rngs, *, mid=False):
 def _temporal_convs(cfg, ch, n, dtype, rngs):
     if not cfg.temporal_conv:
         return None
-    return nnx.List([TemporalConvBlock(ch, groups=cfg.norm_num_groups, dtype=dtype, rngs=rngs) for _ in range(n)])
+    released = cfg.motion.kind == "videoassembler"  # MagDiff's released temporal convs leave single images alone
+    return nnx.List([TemporalConvBlock(ch, groups=cfg.norm_num_groups, images_unchanged=released, dtype=dtype,
+                                       rngs=rngs) for _ in range(n)])
 
 
 def _apply(block, j, h, context, num_frames):
