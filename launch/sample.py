@@ -19,9 +19,9 @@ Image-to-video configs (those with an image encoder) need --image: it is fitted 
 to the aspect ratio, then resize). MagDiff takes the subject as --image and --mask (the image outside the mask is
 black; without --mask the whole image).
 
---video edits that video instead of generating (vdjax/pipelines/edit.py; every family but VideoCrafter's use_scale
-ones): DDIM inversion with --source_prompt, then the same sampler with --prompt. Its first --num_frames frames are
-edited; a shorter video is refused unless --loop_short_video. --mask (white = the subject, the region the edit
+--video edits that video instead of generating (vdjax/pipelines/edit.py; every family): DDIM inversion with
+--source_prompt, then the same sampler with --prompt. Its first --num_frames frames are edited; a shorter video is
+refused unless --loop_short_video. --mask (white = the subject, the region the edit
 changes: one PNG, or one per frame as a folder or a mask video, which follows a moving subject) keeps the rest from
 the source (--edit_blend: default config.sample.edit_blend, MagDiff's True, which then needs --mask; for other
 families on exactly when --mask is given). Image-conditioned families take the video's first frame as --image
@@ -213,10 +213,6 @@ def _conditions(config) -> dict:
         from vdjax.io.video import read_video
         from vdjax.pipelines.edit import source_frames
 
-        if config.schedule.get("use_scale", False):
-            raise app.UsageError(f"--video: {config.family} {config.variant} samples with VideoCrafter's per-timestep "
-                                 "latent scale (use_scale), which DDIM inversion does not take yet; edit with "
-                                 "configs/videocrafter.py:variant=t2v_512_v1, AnimateDiff or MagDiff")
         if _ITERATIONS.value is not None and _ITERATIONS.value < 0:
             raise app.UsageError(f"--inversion_iterations={_ITERATIONS.value}; give 0 or more")
         if _STRENGTH.value is not None and not 0 < _STRENGTH.value <= 1:

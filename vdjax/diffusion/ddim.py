@@ -93,14 +93,17 @@ def ddim_step(schedule: Schedule, model_output, t, t_prev, x_t, *, eta=0.0, nois
 def ddim_inversion_step(schedule: Schedule, model_output, t, t_next, x_t, *, set_alpha_to_one: bool = True):
     """Deterministic DDIM from t to the noisier t_next (t = -1: clean latents at the initial alpha, 1.0 with
     set_alpha_to_one as DDIMInverseScheduler's default): the eta-0 step run backwards, so pairing (t_prev, t) of a
-    sampling trajectory retraces it. Returns x_next. Not defined for VideoCrafter's use_scale schedules."""
-    if schedule.scale_arr is not None:
-        raise NotImplementedError("DDIM inversion with VideoCrafter's use_scale (scale_arr) is not implemented")
+    sampling trajectory retraces it. Returns x_next. With VideoCrafter's use_scale the clean-latent estimate is
+    rescaled from scale_arr[t] (scale_arr[0] for t = -1, as the sampler's last step) to scale_arr[t_next]: the
+    inverse of `ddim_step`'s rescaling, so a sampler step evaluated at the same model output undoes it exactly."""
     x_t = jnp.asarray(x_t, jnp.float32)
     ac = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
     a = _bcast(_take(ac, t, 1.0 if set_alpha_to_one else ac[0]), x_t)
     a_next = _bcast(_take(ac, t_next, 0.0), x_t)
     pred_x0, pred_eps = predict_x0_eps(schedule.prediction_type, jnp.asarray(model_output, jnp.float32), x_t, a)
+    if schedule.scale_arr is not None:
+        sa = jnp.asarray(schedule.scale_arr, jnp.float32)
+        pred_x0 = pred_x0 * _bcast(_take(sa, t_next, 1.0) / _take(sa, t, sa[0]), x_t)
     return jnp.sqrt(a_next) * pred_x0 + jnp.sqrt(1 - a_next) * pred_eps
 
 

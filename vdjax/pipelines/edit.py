@@ -125,8 +125,9 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     where the model changes fast with its input (0: plain DDIM inversion, one model call per step).
     `loop` (default config.sample.loop_short_video): loop a video shorter than `num_frames` instead of refusing it.
     `progress(i, n)` / `inversion_progress(i, n)`: called after each sampling / inversion step.
-    Not for VideoCrafter's use_scale schedules (refused). I2V-Adapter: frame 0 stays clean, the source's first frame
-    in the inversion and the latent of `image` in the regeneration."""
+    VideoCrafter's use_scale schedules invert with their per-timestep latent scale (ddim_inversion_step).
+    I2V-Adapter: frame 0 stays clean, the source's first frame in the inversion and the latent of `image` in the
+    regeneration."""
     cfg = pipe.config
     s = cfg.sample
     num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
@@ -139,11 +140,6 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
         raise ValueError(f"inversion_iterations={iterations!r}; give 0 (plain DDIM inversion) or more fixed-point "
                          "iterations per step")
-    if pipe.schedule.scale_arr is not None:
-        raise ValueError(f"{pipe.config.family} {pipe.config.get('variant', '')} samples with VideoCrafter's "
-                         "per-timestep latent scale (schedule.use_scale), which DDIM inversion does not take yet; "
-                         "edit with a model without it (e.g. configs/videocrafter.py:variant=t2v_512_v1, MagDiff, "
-                         "AnimateDiff)")
     guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
     pipe.check(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale, eta=eta)
     negative = s.negative_prompt if negative_prompt is None else negative_prompt
