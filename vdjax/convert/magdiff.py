@@ -15,6 +15,7 @@ upstream starts them on SD 2.1-base.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -30,20 +31,15 @@ APA_SCALES = ("text_cross_attention_scale", "image_cross_attention_scale")
 # of the same sizes: a temporal self-attention inside every spatial transformer block with a sinusoid over the frames
 # (add_temp_embed), the temporal convs (add_temp_conv), GroupNorm over the clip in the resnets (ResnetBlock3D), and
 # no temporal transformers, init_attn or fps conditioning. Same parameter names as upstream (temp_attn, temp_norm).
-_VIDEOASSEMBLER = {"motion.kind": "videoassembler", "motion.frame_positions": True, "init_attention": False,
-                   "fps_conditioning": False, "resnet_norm_scope": "clip"}
-_VIDEOCRAFTER_I2V = {"motion.kind": "lvdm", "motion.frame_positions": False, "init_attention": True,
-                     "fps_conditioning": True, "resnet_norm_scope": "frame"}
+_VIDEOASSEMBLER = dict(motion=dict(kind="videoassembler", frame_positions=True), init_attention=False,
+                       fps_conditioning=False, resnet_norm_scope="clip")
+_VIDEOCRAFTER_I2V = dict(motion=dict(kind="lvdm", frame_positions=False), init_attention=True, fps_conditioning=True,
+                         resnet_norm_scope="frame")
 
 
 def _with(unet: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
     unet = unet.copy_and_resolve_references()
-    for dotted, value in values.items():
-        *parents, name = dotted.split(".")
-        node = unet
-        for part in parents:
-            node = node[part]
-        node[name] = value
+    unet.update(values)  # recursive: the nested motion options only
     return unet
 
 
@@ -64,6 +60,16 @@ def base_config(config) -> ml_collections.ConfigDict:
     return base
 
 
+def _temporal_attention_init(unet_config) -> dict:
+    """{'a/b/...': initial value} of the in-block temporal attentions: the whole model's init traced and compiled,
+    so XLA computes only these (a full-size model is never drawn in memory)."""
+    def init():
+        state = nnx.state(UNet3D(unet_config, rngs=InitKeys(0)), nnx.Param)
+        return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)
+                if "temp_attn" in p or "temp_norm" in p}
+    return jax.jit(init)()
+
+
 def from_base_unet(config, base_unet: nnx.Module) -> nnx.Module:
     """The MagDiff UNet holding `base_unet`'s weights (VideoCrafter I2V's), the new parameters at their init."""
     model = abstract_unet(config.unet)
@@ -72,14 +78,12 @@ def from_base_unet(config, base_unet: nnx.Module) -> nnx.Module:
     fusion = (nnx.state(SubjectFusion(u.subject.channels, len(u.subject.scales), rngs=InitKeys(0)), nnx.Param)
               if len(u.subject.scales) > 1 else None)
     fusion = dict(nnx.to_flat_state(fusion)) if fusion is not None else {}
-    fresh = {}
-    if u.motion.kind == "videoassembler":  # the in-block temporal attentions are new: their init, built once
-        fresh = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(
-            UNet3D(config.unet, rngs=InitKeys(0)), nnx.Param)) if "temp_attn" in path or "temp_norm" in path}
+    # The in-block temporal attentions (released layout) are new: their init values.
+    fresh = _temporal_attention_init(config.unet) if u.motion.kind == "videoassembler" else {}
     values = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if path in fresh:
-            values[path] = fresh[path]
+        if (key := "/".join(map(str, path))) in fresh:
+            values[path] = fresh[key]
         elif path == ("conv_in", "kernel"):  # base channels, then the subject's at zero
             old = base[path].get_value()
             values[path] = jnp.zeros(var.shape, var.dtype).at[:, :, :old.shape[2]].set(old)
