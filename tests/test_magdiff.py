@@ -165,10 +165,11 @@ def test_released_code_layout_full_size_by_shape():
 
 
 def test_released_code_layout_takes_a_single_frame_as_its_image_unet():
-    """Upstream leaves single images alone in its temporal attentions (and their frame sinusoid) and temporal convs:
-    with every parameter random, one frame through the tiny UNet in the released layout equals the same weights
-    without temporal layers; three frames do not."""
+    """Upstream leaves single frames out of its temporal attentions and temporal convs: with every parameter random,
+    one frame through the tiny UNet in the released layout (frame sinusoid off, see the next test) equals the same
+    weights without temporal layers; three frames do not."""
     cfg = load_config(SPEC.format("tiny") + ",temporal=videoassembler").unet
+    cfg.motion.frame_positions = False
     model = UNet3D(cfg, rngs=InitKeys(0))
     randomize_nnx(model, seed=5)
     image_cfg = cfg.copy_and_resolve_references()
@@ -186,6 +187,29 @@ def test_released_code_layout_takes_a_single_frame_as_its_image_unet():
     print(f"released layout, one frame vs the image UNet: max abs error {err:.1e} (output std {float(want.std()):.2f})")
     assert err <= 1e-5
     assert float(jnp.max(jnp.abs(run(model, three) - run(image, three)))) > 1e-2
+
+
+def test_released_block_keeps_the_frame_sinusoid_in_the_stream():
+    """Upstream adds the frame sinusoid in place to the stream that its single-frame shortcut returns, so it stays
+    there, a single frame included (its first row: 0 on even channels, 1 on odd ones). With the feed-forward after
+    it silenced, the released block's output for one frame is the image block's plus that row."""
+    from vdjax.layers.embeddings import position_table
+    from vdjax.layers.spatial_transformer import BasicTransformerBlock
+
+    make = lambda **kw: BasicTransformerBlock(16, 2, 8, 8, rngs=InitKeys(0), **kw)
+    released, image = make(temporal=True, frame_positions=True), make()
+    randomize_nnx(released, seed=6)
+    weights = _params(released)
+    _set(image, weights)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)  # two clips of one frame, 5 tokens each
+    context = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    assert float(jnp.max(jnp.abs(released(x, context, num_frames=1) - image(x, context)))) > 1e-2
+    silent = {p: np.zeros_like(v) for p, v in weights.items() if p[:2] == ("ff", "proj_out")}
+    _set(released, silent)
+    _set(image, silent)
+    err = jnp.abs(released(x, context, num_frames=1) - (image(x, context) + position_table(1, 16)[0]))
+    assert float(jnp.max(err)) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------

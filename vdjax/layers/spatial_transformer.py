@@ -64,14 +64,15 @@ class BasicTransformerBlock(nnx.Module):
 
     def _temporal(self, x: jax.Array, frames: int) -> jax.Array:
         """(B*F, T, dim) -> the same, with each token attending over its clip's frames."""
-        if frames <= 1:
-            return x  # upstream leaves single images alone (adds 0 x the temporal output)
         n, tokens, dim = x.shape
-        h = x.reshape(n // frames, frames, tokens, dim).transpose(0, 2, 1, 3).reshape(-1, frames, dim)
-        if self.frame_positions:  # added to the stream itself, so the residual carries it too (as upstream)
-            h = h + jnp.asarray(position_table(frames, dim)[0], h.dtype)
-        h = h + self.temp_attn(self.temp_norm(h))
-        return h.reshape(n // frames, tokens, frames, dim).transpose(0, 2, 1, 3).reshape(x.shape)
+        h = x.reshape(n // frames, frames, tokens, dim)
+        if self.frame_positions:  # upstream adds it in place to the stream: it stays there, for one frame too
+            h = h + jnp.asarray(position_table(frames, dim)[0, :, None], h.dtype)
+        if frames > 1:  # upstream leaves single frames out of the temporal attention
+            h = h.transpose(0, 2, 1, 3).reshape(-1, frames, dim)
+            h = h + self.temp_attn(self.temp_norm(h))
+            h = h.reshape(n // frames, tokens, frames, dim).transpose(0, 2, 1, 3)
+        return h.reshape(x.shape)
 
     def __call__(self, x: jax.Array, context: jax.Array, *, num_frames: int | None = None) -> jax.Array:
         """x: (B*F, T, dim) tokens of each frame; context: (B, S, context_dim), one per clip (or one per frame,
