@@ -309,21 +309,30 @@ def test_a_tiny_magdiff_learns_on_moving_shapes():
 # ---------------------------------------------------------------------------------------------------------------
 # Starting from VideoCrafter I2V's released model.ckpt.
 
-def test_starts_from_a_videocrafter_i2v_checkpoint(tmp_path):
-    """A tiny VideoCrafter I2V model.ckpt in the released layout -> MagDiff: every base parameter as in the file,
-    conv_in widened with zeros, APA at (1.0, 1.5), the fusion at the identity. With alpha2 set to the base's image
-    scale and the subject channels at zero, the MagDiff UNet is the VideoCrafter I2V UNet."""
+@pytest.fixture(scope="module")
+def videocrafter_i2v(tmp_path_factory):
+    """A tiny VideoCrafter I2V model.ckpt in the released layout (every parameter random) and its models."""
     import torch
 
     from test_videocrafter_convert import config as vc_config, released_state_dict, tiny_models
-    from vdjax.convert import sources
 
     models = tiny_models("tiny_i2v_512_v1")
     state = released_state_dict(models, vc_config("tiny_i2v_512_v1"))
-    ckpt = tmp_path / "model.ckpt"
+    ckpt = tmp_path_factory.mktemp("videocrafter") / "model.ckpt"
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}}, ckpt)
+    return models, str(ckpt)
+
+
+def test_starts_from_a_videocrafter_i2v_checkpoint(videocrafter_i2v):
+    """A tiny VideoCrafter I2V model.ckpt in the released layout -> MagDiff: every base parameter as in the file,
+    conv_in widened with zeros, APA at (1.0, 1.5), the fusion at the identity. With alpha2 set to the base's image
+    scale and the subject channels at zero, the MagDiff UNet is the VideoCrafter I2V UNet."""
+    from test_videocrafter_convert import config as vc_config
+    from vdjax.convert import sources
+
+    models, ckpt = videocrafter_i2v
     cfg = load_config(SPEC.format("tiny"))
-    loaded = sources.load_models(cfg, model=str(ckpt))
+    loaded = sources.load_models(cfg, model=ckpt)
     assert set(loaded) >= {"unet", "vae", "text_encoder", "image_encoder", "image_proj"}
     got, base = _params(loaded["unet"]), _params(models["unet"])
     for path, value in got.items():
@@ -358,19 +367,13 @@ def test_starts_from_a_videocrafter_i2v_checkpoint(tmp_path):
     assert err <= 1e-5
 
 
-def test_released_code_layout_starts_from_the_same_videocrafter_checkpoint(tmp_path):
+def test_released_code_layout_starts_from_the_same_videocrafter_checkpoint(videocrafter_i2v):
     """temporal=videoassembler from the same file: the 2-D UNet, temporal convs and image cross-attention as in the
     file, the in-block temporal attentions at their init, the LVDM temporal transformers dropped."""
-    import torch
-
-    from test_videocrafter_convert import config as vc_config, released_state_dict, tiny_models
     from vdjax.convert import sources
 
-    models = tiny_models("tiny_i2v_512_v1")
-    state = released_state_dict(models, vc_config("tiny_i2v_512_v1"))
-    ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}}, ckpt)
-    loaded = sources.load_models(load_config(SPEC.format("tiny") + ",temporal=videoassembler"), model=str(ckpt),
+    models, ckpt = videocrafter_i2v
+    loaded = sources.load_models(load_config(SPEC.format("tiny") + ",temporal=videoassembler"), model=ckpt,
                                  parts=("unet",))
     got, base = _params(loaded["unet"]), _params(models["unet"])
     magdiff_parts = lambda p: p[0] == "subject_fusion" or p[-1] in ("text_cross_attention_scale",
