@@ -14,6 +14,7 @@ SHAPES = {  # (batch, queries, keys, heads, head_dim)
     "temporal, many sequences per block": (1024, 16, 16, 8, 40),
     "cross, a few sequences per block": (4, 1024, 77, 8, 8),
     "query chunks within a sequence": (1, 2048, 2048, 2, 8),
+    "long sequences, head width 40 (row sums from the PV product)": (2, 256, 640, 2, 40),
 }
 
 
@@ -44,6 +45,7 @@ GRADIENT_SHAPES = {  # (batch, queries, keys, heads, head_dim, BLOCK_BYTES or No
     "cross-attention, more keys than queries, loop": (2, 24, 40, 2, 8, 1 << 10, False),
     "frames: short sequences, one block (broadcast products)": (4, 16, 16, 2, 8, None, False),
     "one block of 256-token sequences": (2, 256, 256, 2, 16, None, False),
+    "long sequences, causal, query chunks (row sums from the PV product)": (1, 520, 520, 2, 8, 1 << 16, True),
 }
 
 
