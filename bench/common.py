@@ -130,12 +130,19 @@ class Timing:
         return f"{fmt_s(min(self.times))}–{fmt_s(max(self.times))}"
 
 
+# A pause before each timed call, so the other side's idle worker threads have stopped spinning: torch's OpenMP
+# workers busy-wait after a call (libgomp's default), which took CPU from the XLA call timed next (on 2 cores the
+# tiny train step measured 1.72 s right after torch's, 1.19 s alone).
+SETTLE_SECONDS = 0.5
+
+
 def interleaved(runs: dict[str, Callable[[], object]], *, warmup: int, repeats: int, log=print) -> dict[str, Timing]:
     """Time each callable (which must return only once its work is done), alternating between them: warm-up
     rounds first, then `repeats` timed rounds, each calling every callable once in order."""
     out = {name: Timing([]) for name in runs}
     for r in range(warmup + repeats):
         for name, fn in runs.items():
+            time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
