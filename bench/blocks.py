@@ -126,7 +126,8 @@ def main(argv=None):
             return result
 
         print(name)
-        times = common.interleaved({"vdjax": run_vdjax, "torch": run_torch}, warmup=args.warmup, repeats=args.repeats)
+        times = common.interleaved({"vdjax": run_vdjax, "torch": run_torch}, warmup=args.warmup, repeats=args.repeats,
+                                   settle=args.settle)
         a, b = np.asarray(run_vdjax(), np.float32).transpose(axes), run_torch().float().cpu().numpy()
         errors.append(f"{name} {float(np.max(np.abs(a - b))):.1e}")
         ratio = times["vdjax"].median / times["torch"].median

@@ -52,6 +52,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 5; smoke 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per implementation before the timed ones")
     p.add_argument("--no-append", action="store_true", help="print the table only; do not append to BENCHMARKS.md")
+    # The pause lets the other side's idle worker threads stop spinning: torch's OpenMP workers busy-wait after a
+    # call, which took CPU from the XLA call timed next (2 cores: the tiny train step 1.72 s after torch's, 1.19 s
+    # alone, 1.24 s with the pause).
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds to pause before each timed call (default 0.5; smoke 0)")
     return p
 
 
@@ -60,6 +65,8 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
     args.size = args.size or ("gpu" if accelerator() else "cpu")
     if args.repeats is None:
         args.repeats = 1 if args.size == "smoke" else 5
+    if args.settle is None:
+        args.settle = 0.0 if args.size == "smoke" else 0.5
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be at least 1 and --warmup at least 0")
     args.command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
@@ -130,19 +137,15 @@ class Timing:
         return f"{fmt_s(min(self.times))}–{fmt_s(max(self.times))}"
 
 
-# A pause before each timed call, so the other side's idle worker threads have stopped spinning: torch's OpenMP
-# workers busy-wait after a call (libgomp's default), which took CPU from the XLA call timed next (on 2 cores the
-# tiny train step measured 1.72 s right after torch's, 1.19 s alone).
-SETTLE_SECONDS = 0.5
-
-
-def interleaved(runs: dict[str, Callable[[], object]], *, warmup: int, repeats: int, log=print) -> dict[str, Timing]:
+def interleaved(runs: dict[str, Callable[[], object]], *, warmup: int, repeats: int, settle: float = 0.0,
+                log=print) -> dict[str, Timing]:
     """Time each callable (which must return only once its work is done), alternating between them: warm-up
-    rounds first, then `repeats` timed rounds, each calling every callable once in order."""
+    rounds first, then `repeats` timed rounds, each calling every callable once in order, `settle` seconds after
+    the previous call."""
     out = {name: Timing([]) for name in runs}
     for r in range(warmup + repeats):
         for name, fn in runs.items():
-            time.sleep(SETTLE_SECONDS)
+            time.sleep(settle)
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
@@ -499,7 +502,8 @@ def report(args, title: str, bullets: Sequence[str], header: Sequence[str], rows
     lines = [f"### {title}", "", f"- machine: {machine()}", f"- versions: {versions()}",
              f"- command: `{args.command}`",
              f"- timing: median of {args.repeats} timed runs after {args.warmup} warm-up run(s); vdjax and the "
-             "reference alternate within one loop, so load from other processes hits both alike",
+             "reference alternate within one loop, so load from other processes hits both alike, each call "
+             f"{args.settle:g} s after the last",
              *(f"- {b}" for b in bullets), *([f"- {memory_note()}"] if memory else []), "", *table(header, rows)]
     if notes:
         lines += ["", *notes]

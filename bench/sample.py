@@ -150,14 +150,15 @@ def main(argv=None):
     ref_name = "diffusers" + (" + torch.compile" if args.torch_compile else "")
     compiled_before = common.compile_seconds()
     print("loop:")
-    loop = common.interleaved({"vdjax": loop_vdjax, ref_name: loop_torch}, warmup=args.warmup, repeats=args.repeats)
+    loop = common.interleaved({"vdjax": loop_vdjax, ref_name: loop_torch}, warmup=args.warmup, repeats=args.repeats,
+                              settle=args.settle)
     loop_compile = common.compile_seconds() - compiled_before
     loop_mem = {"vdjax": common.peak_memory(loop_vdjax, jax_process_peak=True),
                 ref_name: common.peak_memory(loop_torch, torch_device=device if common.accelerator() else None)}
     compiled_before = common.compile_seconds()
     print("decode:")
     decode = common.interleaved({"vdjax": decode_vdjax, ref_name: decode_torch}, warmup=args.warmup,
-                                repeats=args.repeats)
+                                repeats=args.repeats, settle=args.settle)
     decode_compile = common.compile_seconds() - compiled_before
     decode_mem = {"vdjax": common.peak_memory(decode_vdjax, jax_process_peak=True),
                   ref_name: common.peak_memory(decode_torch, torch_device=device if common.accelerator() else None)}

@@ -164,7 +164,7 @@ def main(argv=None):
         print(f"remat={remat}:")
         compiled_before = common.compile_seconds()
         times = common.interleaved({"vdjax": run_vdjax, ref_name: run_torch}, warmup=args.warmup,
-                                   repeats=args.repeats)
+                                   repeats=args.repeats, settle=args.settle)
         compile_s = common.compile_seconds() - compiled_before
         compiled = next(iter(trainer._compiled.values()))  # the step Trainer compiled for this batch's shapes
         flops = common.flops_of(compiled)

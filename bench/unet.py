@@ -97,7 +97,8 @@ def main(argv=None):
         return out
 
     ref_name = "diffusers" + (" + torch.compile" if args.torch_compile else "")
-    times = common.interleaved({"vdjax": run_vdjax, ref_name: run_torch}, warmup=args.warmup, repeats=args.repeats)
+    times = common.interleaved({"vdjax": run_vdjax, ref_name: run_torch}, warmup=args.warmup, repeats=args.repeats,
+                               settle=args.settle)
     ours, theirs = np.asarray(run_vdjax(), np.float32), run_torch().float().cpu().numpy()
     err = float(np.max(np.abs(ours.transpose(0, 4, 1, 2, 3) - theirs)))
     mem = {"vdjax": common.peak_memory(run_vdjax, compiled=compiled),

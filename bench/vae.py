@@ -84,7 +84,7 @@ def main(argv=None):
             return out
 
         times = common.interleaved({"vdjax": run_vdjax, "diffusers": run_torch}, warmup=args.warmup,
-                                   repeats=args.repeats)
+                                   repeats=args.repeats, settle=args.settle)
         ours_out, theirs = np.asarray(run_vdjax(), np.float32)[0], run_torch().float().cpu().numpy()
         checks.append(f"{mode} max abs {float(np.max(np.abs(ours_out.transpose(0, 3, 1, 2) - theirs))):.2e}")
         mem = {"vdjax": common.peak_memory(run_vdjax, compiled=compiled),
