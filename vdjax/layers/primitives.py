@@ -37,6 +37,12 @@ def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, stride:
                     bias_metadata=axis_names((CONV_OUT,)), rngs=rngs)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), in torch's erf form: jax.nn.gelu(approximate=False) goes through erfc, which XLA's
+    CPU backend computes 2x slower (a GEGLU feed-forward's forward + backward: 70 -> 62 ms, torch 62)."""
+    return 0.5 * x * (1 + jax.lax.erf(x * (2 ** -0.5)))
+
+
 def layer_norm(features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # flax computes LayerNorm statistics in float32 even for bfloat16 inputs.
     return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,

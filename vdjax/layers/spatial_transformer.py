@@ -8,7 +8,7 @@ from flax import nnx
 from vdjax.layers.attention import (AdaptivePromptsAttention, Attention, DecoupledCrossAttention,
                                     FirstFrameAttention)
 from vdjax.layers.embeddings import position_table
-from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, layer_norm
+from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, gelu, layer_norm
 
 
 class FeedForward(nnx.Module):
@@ -21,7 +21,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(self.proj_in(x), 2, axis=-1)
-        return self.proj_out(value * jax.nn.gelu(gate, approximate=False))
+        return self.proj_out(value * gelu(gate))
 
 
 class BasicTransformerBlock(nnx.Module):

@@ -21,13 +21,13 @@ import ml_collections
 from flax import nnx
 
 from vdjax.layers.attention import attention
-from vdjax.layers.primitives import EMBED, HEADS, HIDDEN, InitKeys, axis_names, dense, layer_norm
+from vdjax.layers.primitives import EMBED, HEADS, HIDDEN, InitKeys, axis_names, dense, gelu, layer_norm
 from vdjax.models.imaging import to_rgb
 from vdjax.models.unet3d import DTYPES
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP's approximation
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),    # transformers' "gelu" is the exact erf form
+    "gelu": gelu,                                            # transformers' "gelu" is the exact erf form
 }
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

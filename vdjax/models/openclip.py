@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 
 from vdjax.layers.attention import Attention
-from vdjax.layers.primitives import CONV_IN, CONV_OUT, EMBED, HIDDEN, InitKeys, axis_names, dense, layer_norm
+from vdjax.layers.primitives import CONV_IN, CONV_OUT, EMBED, HIDDEN, InitKeys, axis_names, dense, gelu, layer_norm
 from vdjax.models.imaging import kornia_resize, to_rgb
 from vdjax.models.unet3d import DTYPES
 
@@ -47,7 +47,7 @@ class MLP(nnx.Module):
         self.c_proj = dense(hidden, width, (HIDDEN, EMBED), dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=False))
+        return self.c_proj(gelu(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nnx.Module):

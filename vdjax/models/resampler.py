@@ -25,7 +25,7 @@ import ml_collections
 from flax import nnx
 
 from vdjax.convert.keymap import path_to_key, rename, torch_leaf
-from vdjax.layers.primitives import EMBED, HEADS, HIDDEN, InitKeys, axis_names, dense, layer_norm
+from vdjax.layers.primitives import EMBED, HEADS, HIDDEN, InitKeys, axis_names, dense, gelu, layer_norm
 from vdjax.models.unet3d import DTYPES
 
 VIDEOCRAFTER_PREFIX = "image_proj_model."  # LatentVisualDiffusion.image_proj_model in a VideoCrafter model.ckpt
@@ -129,7 +129,7 @@ class FeedForward(nnx.Module):
         self.fc2 = dense(inner, dim, (HIDDEN, EMBED), use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False))
+        return self.fc2(gelu(self.fc1(self.norm(x))))
 
 
 class PerceiverBlock(nnx.Module):
