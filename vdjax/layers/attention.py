@@ -107,18 +107,17 @@ def _per_sequence(fn, args: tuple, per_block: int):
 def _logits(q, k, rows, causal: bool):
     """(r, d) queries at positions `rows`, (s, d) keys -> (r, s) float32 scaled logits (-inf where causal hides)."""
     scaled = q.astype(jnp.float32) * q.shape[-1] ** -0.5  # r x d multiplies instead of r x s
-    logits = jnp.einsum("qd,sd->qs", scaled, k.astype(jnp.float32), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("qd,sd->qs", scaled, k, preferred_element_type=jnp.float32)
     if causal:
         logits = jnp.where(rows[:, None] >= jnp.arange(k.shape[0])[None, :], logits, -jnp.inf)
     return logits
 
 
 def _sequence_forward(q, k, v, causal: bool):
-    """One sequence: q (chunks, r, d), k, v (s, d) -> out (chunks, r, d), logsumexp of the logits (chunks, r)."""
-    r, d = q.shape[1], v.shape[-1]
-    sums_in_pv = k.shape[0] >= SUMS_IN_PV_MIN_KEYS
-    if sums_in_pv:  # V gets a column of ones, then zeros to a multiple of 8 columns
-        v = jnp.pad(v, ((0, 0), (0, -(-(d + 1) // 8) * 8 - d))).at[:, d].set(1)
+    """One sequence: q (chunks, r, d), k (s, d), v (s, d) or (s, > d) with a column of ones at d (the row sums come
+    out of the PV product, see _with_ones_column) -> out (chunks, r, d), logsumexp of the logits (chunks, r)."""
+    r, d = q.shape[1], q.shape[-1]
+    sums_in_pv = v.shape[-1] > d
 
     def chunk(args):
         c, qc = args
@@ -181,8 +180,16 @@ def _blocked_forward(q, k, v, causal: bool):
     b, t, n, _ = q.shape
     q_rows, per_block = _block_plan(t, k.shape[1])
     qh, kh, vh = _heads_first(q, t // q_rows), _heads_first(k, None), _heads_first(v, None)
-    out, lse = _per_sequence(lambda q, k, v: _sequence_forward(q, k, v, causal), (qh, kh, vh), per_block)
+    vp = _with_ones_column(vh) if kh.shape[1] >= SUMS_IN_PV_MIN_KEYS else vh
+    out, lse = _per_sequence(lambda q, k, v: _sequence_forward(q, k, v, causal), (qh, kh, vp), per_block)
     return _tokens_first(out, b, n), (qh, kh, vh, out, lse)
+
+
+def _with_ones_column(v):
+    """(..., d) -> (..., 8m): v, a column of ones, zeros up to a multiple of 8 columns (padded once per call)."""
+    d = v.shape[-1]
+    pad = [(0, 0)] * (v.ndim - 1) + [(0, -(-(d + 1) // 8) * 8 - d)]
+    return jnp.pad(v, pad).at[..., d].set(1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
