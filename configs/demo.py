@@ -38,7 +38,9 @@ path; loading does not read them).
 Variants tried, not shipped (assets/demo/README.md): `factor=2` (a VAE of two levels: 16x16 latents) and, on it,
 `unet=wide` (48/96 channels, spatial attention at both levels; trained on the factor-2 VAE with
 `launch/train.py --init=unet`, since that VAE's folder holds a tiny UNet), and training on the Frame Similarity
-Prior's own path (`--config.train.frame_prior_path=True`: realistic motion, fewer shapes kept).
+Prior's own path (`--config.train.frame_prior_path=True`: realistic motion, fewer shapes kept), and
+`first_frame=concat` (the first frame's latent also concatenated to every frame's input channels,
+`unet.first_frame_concat`; fine-tuned from the shipped weights: no better).
 
 What it shows (tests/test_demo.py; launch/measure_demo.py over 16 held-out clips): frame 0 is the input (26.2 dB
 PSNR on the bundled frame, 27.2 on average), the shapes move (8.3 px mean centroid shift over the clip; 5.9 on
@@ -53,6 +55,7 @@ import ml_collections
 STAGES = ("unet", "vae")
 FACTORS = ("4", "2")  # the VAE's downsampling: 4 (the shipped weights), 2 (16x16 latents: tried, not shipped)
 UNETS = ("tiny", "wide")  # tiny: the tests' 32/64 channels, attention at 16x16 only; wide: 48/96, attention at both
+FIRST_FRAME = ("attention", "concat")  # concat: frame 0's latent also as input channels of every frame (not shipped)
 # assets/demo/first_frame.png = make_clip(0, num_frames=8, size=32, seed=1)["first_frame"]; its caption:
 DEMO_PROMPT = "a white circle moving left and a blue triangle moving left"
 
@@ -80,6 +83,11 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
     if unet not in UNETS:
         raise ValueError(f"unknown demo UNet {unet!r}; choose one of {', '.join(UNETS)} (tiny: the shipped weights' "
                          "32/64 channels; wide: 48/96 channels with spatial attention at both levels)")
+    first_frame = args.get("first_frame", "attention")
+    if first_frame not in FIRST_FRAME:
+        raise ValueError(f"unknown demo first_frame {first_frame!r}; choose one of {', '.join(FIRST_FRAME)} "
+                         "(attention: I2V-Adapter's first-frame attention only; concat: its latent also concatenated "
+                         "to every frame's input channels)")
     config = _i2v_adapter_config("variant=tiny")
     config.variant = "demo"
     # The tiny UNet of the tests (32, 64 channels), on 8 x 8 latents of 8 channels: a VAE with three levels
@@ -99,6 +107,7 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
     if unet == "wide":  # first-frame attention with heads of 24 (tiny: 16) channels, and at the 8x8 level too, where
         # a shape's whole neighbourhood is in view; 0.63 steps/s at batch 8 on 2 cores (tiny, factor 2: 1.1)
         config.unet.update(block_out_channels=(48, 96), attention_levels=(True, True))
+    config.unet.first_frame_concat = first_frame == "concat"
     # Sampling: what `python launch/sample.py --config=configs/demo.py` does with no other flags. Relative paths are
     # taken from the repository's root.
     config.sample.update(num_frames=8, height=32, width=32, steps=25, guidance_scale=3.0, eta=0.0, seed=0,

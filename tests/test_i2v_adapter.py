@@ -132,6 +132,55 @@ def test_a_zero_initialised_adapter_leaves_the_base_unet_unchanged():
     assert float(jnp.max(jnp.abs(forward(adapted) - forward(base)))) > 1e-3
 
 
+def test_first_frame_concat_gives_every_frame_the_clean_first_frame():
+    """unet.first_frame_concat: the UNet equals a plain one of twice the input channels fed [x, x[:, :1]] (all
+    weights random, the extra channels' included); at init those channels are zero; refused without a clean frame 0."""
+    from conftest import randomize_nnx
+    from vdjax.models.unet3d import UNet3D
+    from vdjax.layers.primitives import InitKeys
+
+    cfg = load_config(SPEC).unet
+    cfg.first_frame_concat = True
+    concat = UNet3D(cfg, rngs=InitKeys(0))
+    kernel = np.asarray(concat.conv_in.kernel.get_value())
+    assert kernel.shape[2] == 2 * cfg.in_channels and not kernel[:, :, cfg.in_channels:].any()
+    assert np.abs(kernel[:, :, :cfg.in_channels]).max() > 0
+    wide_cfg = cfg.copy_and_resolve_references()
+    wide_cfg.update(first_frame_concat=False, in_channels=2 * cfg.in_channels)
+    wide = UNet3D(wide_cfg, rngs=InitKeys(0))
+    randomize_nnx(concat, seed=5)
+    nnx.update(wide, nnx.state(concat, nnx.Param))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 3, 8, 8, 4)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(1, 77 + 16, 32)), jnp.float32)
+    got = nnx.jit(lambda m: m(x, 500, context))(concat)
+    paired = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], x.shape)], axis=-1)
+    want = nnx.jit(lambda m: m(paired, 500, context))(wide)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert float(jnp.max(jnp.abs(got - nnx.jit(lambda m: m(jnp.concatenate([x, x], -1), 500, context))(wide)))) > 1e-3
+    cfg.first_frame_attention = False
+    with pytest.raises(ValueError, match="first_frame_attention=True"):
+        UNet3D(cfg, rngs=InitKeys(0))
+
+
+def test_a_model_without_first_frame_concat_loads_into_a_config_with_it(pipe, tmp_path):
+    """converted.load(config=...) with unet.first_frame_concat over a folder saved without it: the same UNet, its
+    frame-0 channels at zero (a fine-tuning run's start, configs/demo.py:first_frame=concat)."""
+    from vdjax.convert import converted
+
+    converted.save(str(tmp_path / "model"), pipe.config, {"unet": pipe.unet})
+    cfg = load_config(SPEC)
+    cfg.unet.first_frame_concat = True
+    _, models = converted.load(str(tmp_path / "model"), parts=["unet"], config=cfg)
+    widened = models["unet"]
+    assert widened.config.first_frame_concat and widened.conv_in.kernel.shape[2] == 2 * cfg.unet.in_channels
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 3, 8, 8, 4)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(1, 77 + 16, 32)), jnp.float32)
+    forward = lambda m: np.asarray(nnx.jit(lambda m: m(x, 500, context))(m))
+    np.testing.assert_allclose(forward(widened), forward(pipe.unet), atol=1e-6)
+
+
 def test_frame_prior_with_p_1_at_the_last_timestep_is_plain_noising():
     from vdjax.pipelines.t2v import make_schedule
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from vdjax.convert.readers import CheckpointError
 from vdjax.convert.sources import PARTS, abstract_part
+from vdjax.models.unet3d import with_first_frame_concat
 
 
 def part_summary(model: nnx.Module) -> dict:
@@ -86,8 +87,9 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
     """(config, {part: model}) with each parameter restored straight into `shardings_for(abstract)`'s sharding.
 
     The parts are built as the folder's config.json says, or as `config` says where one is given (a training run's
-    --config, which may change what does not change a parameter's shape); a part whose parameters then differ from
-    the folder's raises CheckpointError naming them."""
+    --config, which may change what does not change a parameter's shape, or add unet.first_frame_concat: its new
+    input channels start at zero); a part whose parameters then differ from the folder's raises CheckpointError
+    naming them."""
     saved_config = load_config(folder)
     _tuples(saved_config)
     if config is None:
@@ -100,7 +102,14 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
         path = os.path.join(os.path.abspath(folder), part)
         if not os.path.isdir(path):
             continue
-        abstract = abstract_part(part, config)
+        # A UNet saved without first_frame_concat loads into a config with it: widened after restoring
+        widen = (part == "unet" and config.unet.get("first_frame_concat", False)
+                 and not saved_config.unet.get("first_frame_concat", False))
+        part_config = config
+        if widen:
+            part_config = ml_collections.ConfigDict(config.to_dict())
+            part_config.unet.first_frame_concat = False
+        abstract = abstract_part(part, part_config)
         if config is not saved_config:
             _check_shapes(part, abstract, abstract_part(part, saved_config), folder)
         graphdef, state = nnx.split(abstract, nnx.Param)
@@ -118,6 +127,8 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
                                   "checkpoint is incomplete or was written for another config.") from e
         nnx.replace_by_pure_dict(state, restored)
         models[part] = nnx.merge(graphdef, state)
+        if widen:
+            models[part] = with_first_frame_concat(models[part], config.unet)
     return config, models
 
 

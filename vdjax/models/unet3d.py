@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
         image_context_tokens=16,
         image_attention_scale=1.0,
         first_frame_attention=False,  # I2V-Adapter: every spatial self-attention also attends to frame 0
+        # I2V with a clean frame 0 (first_frame_attention): that frame's latent also enters every frame as
+        # in_channels more input channels of conv_in, zero-initialised (a model widened from one without them
+        # starts as it was); what pixel-aligned conditioning (VideoCrafter2/DynamiCrafter-style concat) gives.
+        first_frame_concat=False,
         fps_conditioning=False,  # VideoCrafter: fps through the sinusoid and its own MLP, added to temb
         init_attention=False,  # VideoCrafter's init_attn: a temporal transformer right after conv_in
         init_attention_heads=8,
@@ -107,6 +111,9 @@ def check_config(cfg) -> None:
         if _get(cfg, key) == value:
             raise NotImplementedError(f"unet config: {key}={value!r} is declared but not built yet; "
                                       f"it arrives with issue {issue}.")
+    if cfg.first_frame_concat and not cfg.first_frame_attention:
+        raise ValueError("unet config: first_frame_concat reads frame 0 as the clean input frame, which only an I2V "
+                         "UNet with first_frame_attention=True (its sampler holds frame 0) has; set both or neither")
     levels = len(cfg.block_out_channels)
     for key in ("attention_levels", "num_attention_heads"):
         if len(cfg[key]) != levels:
@@ -247,6 +254,23 @@ def abstract_unet(config: Any) -> "UNet3D":
     return nnx.eval_shape(lambda: UNet3D(config, rngs=InitKeys(0)))
 
 
+def with_first_frame_concat(unet: "UNet3D", config: Any) -> "UNet3D":
+    """`unet` (no first_frame_concat) as the UNet `config` describes (the same but with it): the same weights, the
+    frame-0 input channels of conv_in at zero, so the new model computes exactly what `unet` did."""
+    model = abstract_unet(config)
+    old = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
+    state = nnx.state(model, nnx.Param)
+    c = config.in_channels
+    for path, var in nnx.to_flat_state(state):
+        value = old[path].get_value()
+        if path == ("conv_in", "kernel"):  # input channels: the sample's, then frame 0's (new), then a subject's
+            zeros = jnp.zeros((*value.shape[:2], c, value.shape[3]), value.dtype)
+            value = jnp.concatenate([value[:, :, :c], zeros, value[:, :, c:]], axis=2)
+        var.set_value(value)
+    nnx.update(model, state)
+    return model
+
+
 class UNet3D(nnx.Module):
     def __init__(self, config: Any, *, rngs: nnx.Rngs | InitKeys):
         check_config(config)
@@ -256,8 +280,9 @@ class UNet3D(nnx.Module):
         temb = chans[0] * 4
         levels = len(chans)
         subject = cfg.subject.channels
-        self.conv_in = conv2d(cfg.in_channels + subject, chans[0], 3, dtype=dtype, rngs=rngs)
-        if subject:  # the subject's input channels start at zero: the model starts as its base
+        extra = subject + (cfg.in_channels if cfg.first_frame_concat else 0)
+        self.conv_in = conv2d(cfg.in_channels + extra, chans[0], 3, dtype=dtype, rngs=rngs)
+        if extra:  # the first frame's and the subject's input channels start at zero: the model starts as its base
             kernel = self.conv_in.kernel.get_value()
             self.conv_in.kernel.set_value(kernel.at[:, :, cfg.in_channels:].set(0))
         self.subject_fusion = (SubjectFusion(subject, len(cfg.subject.scales), dtype=dtype, rngs=rngs)
@@ -331,6 +356,8 @@ class UNet3D(nnx.Module):
         self.check_inputs(sample.shape, context.shape)
         b, frames, hgt, wid, _ = sample.shape
         cfg = self.config
+        if cfg.first_frame_concat:  # frame 0 is the clean input frame: every frame sees it, pixel-aligned
+            sample = jnp.concatenate([sample, jnp.broadcast_to(sample[:, :1], sample.shape)], axis=-1)
         if cfg.subject.channels:
             if subject is None:
                 raise ValueError("this UNet is conditioned on a subject image (MagDiff HFA): pass subject= (its "
