@@ -217,3 +217,18 @@ def test_upsample_conv_equals_torch_nearest_upsample_then_conv():
     for ours, theirs in zip(grads, (tx.grad.numpy().transpose(0, 2, 3, 1), tk.grad.numpy().transpose(2, 3, 1, 0),
                                     tb.grad.numpy())):
         assert max_abs_error(ours, theirs) < 1e-4 * max(1.0, float(np.abs(theirs).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_bias_inside_the_product_is_the_linear_layer(dtype):
+    """primitives.biased_dot (the GEGLU's proj_in on a CPU): the layer's output, bias included, in its dtype."""
+    from vdjax.layers.primitives import biased_dot, dense
+
+    layer = dense(24, 40, dtype=dtype, rngs=InitKeys(0))
+    randomize_nnx(layer, seed=2)  # a bias of std 0.2
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 24)), jnp.float32)
+    got, want = biased_dot(layer, x), layer(x)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - (x.astype(dtype) @ layer.kernel[...].astype(dtype))))) > 0.1

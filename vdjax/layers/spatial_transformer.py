@@ -8,7 +8,7 @@ from flax import nnx
 from vdjax.layers.attention import (AdaptivePromptsAttention, Attention, DecoupledCrossAttention,
                                     FirstFrameAttention)
 from vdjax.layers.embeddings import position_table
-from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, conv2d, dense, gelu, layer_norm
+from vdjax.layers.primitives import EMBED, HIDDEN, GroupNorm, biased_dot, conv2d, dense, gelu, layer_norm
 
 
 class FeedForward(nnx.Module):
@@ -20,7 +20,7 @@ class FeedForward(nnx.Module):
         self.proj_out = dense(inner, dim, (HIDDEN, EMBED), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        value, gate = jnp.split(self.proj_in(x), 2, axis=-1)
+        value, gate = jnp.split(biased_dot(self.proj_in, x), 2, axis=-1)
         return self.proj_out(value * gelu(gate))
 
 
