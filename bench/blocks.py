@@ -3,10 +3,11 @@
     python bench/blocks.py                       # the workload of this machine's backend; appends to BENCHMARKS.md
     python bench/blocks.py --size=smoke --no-append
 
-Each kernel is the vdjax layer the UNet runs (vdjax.layers: primitives.conv2d, GroupNorm + SiLU, LayerNorm + Linear,
-attention with attention_impl 'auto' or bench's GPU pick), jitted alone, against the torch ops diffusers calls for it
-(F.conv2d, F.group_norm + F.silu, F.layer_norm + F.linear, F.scaled_dot_product_attention), on the same inputs and
-weights. Shapes are the largest of each kind in bench/unet.py's workload, at its 32 frames (batch 2 x 16):
+Each kernel is the vdjax layer the UNet runs (vdjax.layers: primitives.conv2d, GroupNorm + SiLU, LayerNorm + Linear
+through primitives.biased_dot as the GEGLU's proj_in runs, attention with attention_impl 'auto' or bench's GPU pick),
+jitted alone, against the torch ops diffusers calls for it (F.conv2d, F.group_norm + F.silu, F.layer_norm + F.linear,
+F.scaled_dot_product_attention), on the same inputs and weights. Shapes are the largest of each kind in
+bench/unet.py's workload, at its 32 frames (batch 2 x 16):
 - cpu: 32x32 latents, 64 channels (128 into the first conv of the last up block, which takes the skip), 8 heads of
   width 8, float32;
 - gpu: SD 1.5 at 64x64 latents, 320 channels (640 in), 8 heads of width 40, bfloat16;
@@ -89,7 +90,7 @@ def blocks(w: Workload, attention: str):
     weight, bias = to_torch(np.array(proj.kernel[...]).T.copy()), to_torch(np.array(proj.bias[...]))
     x = randn(n, s * s, c)
     out[f"LayerNorm + Linear {c}->{8 * c}"] = (
-        nnx.jit(lambda m, x: m[1](m[0](x.astype(jdt)))),
+        nnx.jit(lambda m, x: primitives.biased_dot(m[1], m[0](x.astype(jdt)))),  # as FeedForward runs it
         lambda x: F.linear(F.layer_norm(x, (c,), eps=1e-5), weight, bias),
         ((nnx.List([ln, proj]), jnp.asarray(x)), (to_torch(x),)), 2 * n * s * s * c * 8 * c, (0, 1, 2))
     q, k, v = (randn(n, s * s, h, c // h) for _ in range(3))
