@@ -84,6 +84,28 @@ def test_same_seed_same_video_and_one_compile(pipes):
     assert ours._sample._cache_size() == compiled  # repeated calls of one shape reuse the compiled loop
 
 
+def test_a_schedule_set_after_compiling_is_the_one_sampled(pipes):
+    """pipe.schedule = ... after the loop compiled: the next call samples with the new schedule (a fresh pipeline's
+    video), and setting the old one back gives the old video."""
+    from vdjax.pipelines.t2v import make_schedule
+
+    _, ours = pipes
+    kw = dict(num_frames=FRAMES, height=SIZE, width=SIZE, steps=2, guidance_scale=3.0, seed=1)
+    old = ours.schedule
+    cfg = load_config(TINY_SPEC)
+    cfg.schedule.beta_end = 0.02
+    a = ours(PROMPTS[:1], **kw)
+    try:
+        ours.schedule = make_schedule(cfg.schedule)
+        b = ours(PROMPTS[:1], **kw)
+    finally:
+        ours.schedule = old
+    fresh = T2VPipeline(cfg, ours.unet, ours.vae, ours.text_encoder)
+    np.testing.assert_array_equal(b.latents, fresh(PROMPTS[:1], **kw).latents)
+    assert not np.allclose(a.latents, b.latents, atol=1e-3)
+    np.testing.assert_array_equal(ours(PROMPTS[:1], **kw).latents, a.latents)
+
+
 def test_inversion_then_sampling_returns_to_the_start(pipes):
     """DDIM inversion is exact only in the limit of small steps and a smooth model. The random tiny UNet is far from
     smooth (its predictions are large and change fast with x), so it is scaled down to a gentle noise predictor;

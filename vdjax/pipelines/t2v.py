@@ -82,11 +82,22 @@ class T2VPipeline:
             if tokenizer_folder is None:  # SD 1.x's tokenizer is CLIP's BPE, which vdjax bundles
                 tokenizer_folder = clip_tokenizer.write_tokenizer_folder(tempfile.mkdtemp(prefix="vdjax_tokenizer_"))
             self.tokenizer = clip_tokenizer.load_tokenizer(tokenizer_folder)
-        self.schedule = make_schedule(config.schedule)
         self._unet_graph, self._unet_state = nnx.split(unet)
-        self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress", "start"))
+        self.schedule = make_schedule(config.schedule)  # also builds the jitted sampler
         self._encode = nnx.jit(encode_text, static_argnums=2)
         self._decode = nnx.jit(lambda m, z, chunk: m.decode_video(z, chunk_size=chunk), static_argnums=2)
+
+    @property
+    def schedule(self) -> schedules.Schedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: schedules.Schedule) -> None:
+        """The noise schedule is a constant of the compiled loops: setting a new one drops them (the sampler's and
+        editing's, vdjax.pipelines.edit), so the next call compiles with it instead of sampling the old one."""
+        self._schedule = value
+        self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress", "start"))
+        self.__dict__.pop("_edit_jits", None)
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
