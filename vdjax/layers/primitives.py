@@ -33,7 +33,7 @@ def biased_dot(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     width would cost more than the add saves, so it is the plain layer."""
     if jax.default_backend() != "cpu":
         return layer(x)
-    dtype = layer.dtype or x.dtype
+    dtype = layer.dtype or jnp.result_type(x.dtype, layer.kernel.dtype)  # as nnx.Linear promotes
     kernel = jnp.concatenate([layer.kernel[...], layer.bias[...][None]]).astype(dtype)
     ones = jnp.ones((*x.shape[:-1], 1), dtype)
     return jnp.concatenate([x.astype(dtype), ones], axis=-1) @ kernel
