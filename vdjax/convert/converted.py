@@ -107,7 +107,7 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
                  and not saved_config.unet.get("first_frame_concat", False))
         part_config = config
         if widen:
-            part_config = ml_collections.ConfigDict(config.to_dict())
+            part_config = config.copy_and_resolve_references()
             part_config.unet.first_frame_concat = False
         abstract = abstract_part(part, part_config)
         if config is not saved_config:

@@ -160,7 +160,7 @@ def edit_video(pipe, video: np.ndarray, prompt: str, *, source_prompt: str | Non
             blend_mask = select_frames(blend_mask, num_frames, loop=loop, what="blend mask")
         keep_where = ~latent_mask(blend_mask, num_frames, height, width, f)
     fitted = fit_frames(frames, height, width)
-    compiled = pipe.__dict__.setdefault("_edit_jits", {})  # one compile per pipeline, shape and schedule
+    compiled = pipe._edit_jits  # one compile per pipeline, shape and schedule (a new schedule empties it)
     encode = compiled.setdefault("encode", nnx.jit(_encode, static_argnums=2))
     z0 = encode(pipe.vae, jnp.asarray(fitted), float(pipe.config.vae.scaling_factor))[None]
 

@@ -97,7 +97,7 @@ class T2VPipeline:
         editing's, vdjax.pipelines.edit), so the next call compiles with it instead of sampling the old one."""
         self._schedule = value
         self._sample = jax.jit(self._sample_fn, static_argnames=("steps", "guided", "progress", "start"))
-        self.__dict__.pop("_edit_jits", None)
+        self._edit_jits = {}  # vdjax.pipelines.edit's compiled loops for this pipeline
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
