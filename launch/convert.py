@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import ProgressBar, WeightFlags
+from launch_helpers import ProgressBar, WeightFlags, quiet_library_logs
 from vdjax.convert import converted, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model family config (path:arg).", lock_config=False)
@@ -28,10 +28,14 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 
 def main(argv):
     del argv
+    quiet_library_logs()
     start = time.perf_counter()
     files = _WEIGHTS.files()
-    models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), progress=lambda part, i, n, key, bar=ProgressBar(): bar(part, i, n),
-                                 loras=_WEIGHTS.loras(), **files)
+    try:
+        models = sources.load_models(_CONFIG.value, dtype=getattr(jnp, _DTYPE.value), loras=_WEIGHTS.loras(),
+                                     progress=lambda part, i, n, key, bar=ProgressBar(): bar(part, i, n), **files)
+    except converted.CheckpointError as e:  # a file that is not what the config needs: its message says what to give
+        raise app.UsageError(str(e)) from None
     summary = converted.save(_OUTPUT.value, _CONFIG.value, models, overwrite=_OVERWRITE.value,
                              sources=files | {"lora": [p for p, _ in _WEIGHTS.loras()]})
     print(f"{'part':<14}{'parameters':>15}{'MiB':>10}  dtype")

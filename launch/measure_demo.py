@@ -18,6 +18,8 @@ import os
 import numpy as np
 from absl import app, flags
 
+from launch_helpers import quiet_library_logs
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHECKPOINT = flags.DEFINE_string("checkpoint", os.path.join(_ROOT, "assets", "demo", "model"),
                                   "A converted demo model folder (launch/train.py --export).")
@@ -32,6 +34,7 @@ _ETA = flags.DEFINE_float("eta", None, "Override config.sample.eta (0: determini
 
 def main(argv):
     del argv
+    quiet_library_logs()
     from vdjax.data import shape_measures
     from vdjax.data.moving_shapes import make_clip
     from vdjax.pipelines.i2v_adapter import I2VAdapterPipeline

@@ -49,7 +49,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch_helpers import ProgressBar, WeightFlags, model_differences, pipeline_class
+from launch_helpers import ProgressBar, WeightFlags, model_differences, pipeline_class, quiet_library_logs
+from vdjax.convert.readers import CheckpointError
 from vdjax.diffusion import frame_prior
 from vdjax.io.image import read_image
 from vdjax.io.mask import read_mask
@@ -294,12 +295,16 @@ def _edit(pipe, config, prompts, conditions, kwargs, bar):
 
 def main(argv):
     del argv
+    quiet_library_logs()
     config = _CONFIG.value
     prompts = _prompts(config)
     outputs = _outputs(len(prompts))
     conditions = _conditions(config)
     start = time.perf_counter()
-    pipe = _pipeline(config)
+    try:
+        pipe = _pipeline(config)
+    except CheckpointError as e:  # a file that is not what the config needs: its message says what to give
+        raise app.UsageError(str(e)) from None
     s = config.sample
     kwargs = dict(num_frames=_FRAMES.value or s.num_frames, height=_HEIGHT.value or s.height,
                   width=_WIDTH.value or s.width, steps=s.steps if _STEPS.value is None else _STEPS.value,

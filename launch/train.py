@@ -13,7 +13,6 @@ one machine: --distributed --coordinator=127.0.0.1:1234 --num_processes=2 --proc
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
@@ -24,7 +23,7 @@ from ml_collections import config_flags
 from vdjax.data.moving_shapes import MovingShapes, make_clip
 from vdjax.data.pipeline import make_dataset
 from vdjax.data.video_folder import VideoFolder
-from launch_helpers import model_differences, pipeline_class
+from launch_helpers import model_differences, pipeline_class, quiet_library_logs
 from vdjax.pipelines.t2v import T2VPipeline
 from vdjax.train.feed import BatchStream, TokenizedBatches
 from vdjax.train.loop import train
@@ -119,7 +118,7 @@ def _print_metrics(v: dict) -> None:
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    quiet_library_logs()
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value

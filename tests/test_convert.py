@@ -202,6 +202,11 @@ def test_convert_cli_writes_a_model_folder(snapshot, tmp_path):
     assert "wrote" in result.stdout and "bfloat16" in result.stdout
     _, models = converted.load(str(out), parts=["vae"])
     assert jax.tree.leaves(nnx.state(models["vae"], nnx.Param))[0].dtype == jnp.bfloat16
+    (tmp_path / "notes.txt").write_text("not weights")
+    bad = subprocess.run(cmd[:3] + [f"--motion_module={tmp_path / 'notes.txt'}", f"--output={tmp_path / 'x'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "notes.txt: unknown file type; vdjax reads .safetensors" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
 
 
 def _meta_state(model) -> readers.LazyStateDict:

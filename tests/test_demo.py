@@ -53,7 +53,7 @@ def sample(config, tmp_path_factory):
     measures = dict(psnr=shape_measures.psnr(video[0], image), displacement=shape_measures.displacement(video),
                     consistency=shape_measures.consistency(video), seconds=seconds)
     print(f"demo sample: {measures}")
-    return image, video, measures
+    return image, video, measures, result
 
 
 def test_the_shipped_files(config):
@@ -97,9 +97,16 @@ def test_factor_two_variant_has_16x16_latents():
 
 
 def test_frame_zero_is_the_input(sample):
-    image, video, m = sample
+    image, video, m, _ = sample
     assert video.shape == (8, 32, 32, 3)
     assert m["psnr"] >= MIN_PSNR, m
+
+
+def test_the_command_prints_what_it_does_not_library_logs(sample):
+    """Orbax's INFO lines (some 30 per model loaded) are not shown unless asked for with --verbosity=0."""
+    output = sample[3].stdout + sample[3].stderr
+    assert "wrote " in output and "done in" in output
+    assert "orbax" not in output.lower() and "Restoring checkpoint" not in output, output[-2000:]
 
 
 def test_the_shapes_move(sample):
@@ -107,7 +114,7 @@ def test_the_shapes_move(sample):
 
 
 def test_frame_zero_has_the_input_shapes(sample):
-    image, video, m = sample
+    image, video, m, _ = sample
     assert shape_measures.shapes(video[0]) == shape_measures.shapes(image)
     assert sum(shape_measures.shapes(image)) >= 1
 
@@ -121,7 +128,7 @@ def test_the_shapes_keep_colour_and_count(sample):
 def test_the_measures_can_fail(sample):
     """A still video does not move; one whose shapes fade into the background, or change colour, is not
     consistent; the true clip passes all three."""
-    image, video, _ = sample
+    image, video, _, _ = sample
     still = np.repeat(image[None], 8, axis=0)
     assert shape_measures.displacement(still) == 0.0 < MIN_DISPLACEMENT
     background = np.median(image.reshape(-1, 3), axis=0).astype(np.uint8)

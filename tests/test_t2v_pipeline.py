@@ -154,6 +154,10 @@ def test_sample_cli_writes_a_video(tmp_path):
     bad = subprocess.run(cmd[:-2] + [f"--output={tmp_path / 'nope' / 'v.mp4'}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+    empty = subprocess.run(cmd[:3] + [f"--checkpoint={tmp_path}", "--prompt=a test"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)  # a folder that is not a converted model: said, no traceback
+    assert empty.returncode != 0 and "not a converted vdjax model (no config.json)" in empty.stderr
+    assert "Traceback" not in empty.stderr
 
 
 def test_pipeline_from_a_converted_folder_samples_the_same(pipes, runs, tmp_path):
