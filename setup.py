@@ -34,8 +34,8 @@ setup(
         # peft: diffusers' own LoRA loading, the reference for LoRA merging. tensorflow-datasets + array_record:
         # preparing and reading the TFDS builders (neither needs TensorFlow). nbclient + nbformat + ipykernel: executing
         # the notebooks (tests/test_notebooks.py).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.88", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40",
-                 "peft>=0.13", "tensorflow-datasets>=4.9", "array_record>=0.5", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.88", "torch>=2.1", "diffusers>=0.30",
+                 "transformers>=4.40", "peft>=0.13", "tensorflow-datasets>=4.9", "array_record>=0.5",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
 )

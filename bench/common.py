@@ -97,9 +97,10 @@ def torch_sync(device) -> None:
 
 
 def attention_impl(requested: str | None, dtype: str, head_dims, *, training: bool = False) -> str:
-    """vdjax's attention implementation for a run: `requested` if given; on a CPU the cache-blocked one; on a GPU in a 16-bit dtype cuDNN flash
-    attention (`jax.nn.dot_product_attention(implementation='cudnn')`) when a probe compiles for every head width
-    (Hopper takes up to 256, earlier chips 128: SD 1.5's deepest level has 160), else XLA's."""
+    """vdjax's attention implementation for a run: `requested` if given; on a CPU the cache-blocked one; on a GPU in
+    a 16-bit dtype cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`) when a probe
+    compiles for every head width (Hopper takes up to 256, earlier chips 128: SD 1.5's deepest level has 160), else
+    XLA's."""
     if requested:
         return requested
     if jax.default_backend() == "cpu":

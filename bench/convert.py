@@ -74,7 +74,8 @@ def write_diffusers_config(folder: str) -> None:
     from vdjax.models.clip_tokenizer import write_tokenizer_folder
 
     with torch.device("meta"):
-        UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).save_config(f"{folder}/unet")
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        unet.save_config(f"{folder}/unet")
         AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                       block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                       sample_size=512).save_config(f"{folder}/vae")

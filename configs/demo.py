@@ -6,10 +6,11 @@ assets/demo/model (runs offline on a CPU in well under a minute).
 
 What it is (the choices, and why):
 - I2V-Adapter's design at toy size (configs/i2v_adapter_sd15.py:variant=tiny's UNet, 1.2M parameters, on the 8x8x8
-  latents of its own factor-4 VAE): an AnimateDiff-v1 UNet3D with motion modules, first-frame attention in every spatial self-attention, and the input frame's VAE
-  latent held clean at frame 0 through the whole DDIM loop, so frame 0 of the video is the input frame after the
-  VAE's round trip. The IP-Adapter branch (tiny CLIP vision tower + Resampler, frozen at their random init) is kept so
-  the demo runs through the real I2VAdapterPipeline unchanged; the UNet learns how much to use its tokens.
+  latents of its own factor-4 VAE): an AnimateDiff-v1 UNet3D with motion modules, first-frame attention in every
+  spatial self-attention, and the input frame's VAE latent held clean at frame 0 through the whole DDIM loop, so
+  frame 0 of the video is the input frame after the VAE's round trip. The IP-Adapter branch (tiny CLIP vision tower
+  + Resampler, frozen at their random init) is kept so the demo runs through the real I2VAdapterPipeline unchanged;
+  the UNet learns how much to use its tokens.
 - Unlike the full-size recipe (adapter-only training on a frozen SD 1.5 + motion module), nothing pretrained exists
   at this size, so the whole UNet trains from scratch (train.trainable='.*') and the VAE is trained first
   (stage=vae: train.objective='autoencoder', vdjax/train/autoencoder.py). The text encoder is a tiny CLIP text tower

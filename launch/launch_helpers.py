@@ -56,14 +56,17 @@ class WeightFlags:
                                                         "folder."),
             "unet": flags.DEFINE_string("unet", None, "UNet weights (file or component folder)."),
             "motion_module": flags.DEFINE_string("motion_module", None, "AnimateDiff motion module (mm_*.ckpt), "
-                                                 "MotionAdapter folder, or I2V-Adapter's animatediff_v15_v1_ipplus.pth."),
+                                                 "MotionAdapter folder, or I2V-Adapter's "
+                                                 "animatediff_v15_v1_ipplus.pth."),
             "vae": flags.DEFINE_string("vae", None, "VAE weights (file or component folder)."),
             "text_encoder": flags.DEFINE_string("text_encoder", None, "Text encoder weights (file or folder)."),
             "image_encoder": flags.DEFINE_string("image_encoder", None, "Image encoder: IP-Adapter's "
-                                                 "models/image_encoder folder (transformers CLIPVisionModelWithProjection)"
-                                                 " or its weight file."),
-            "image_proj": flags.DEFINE_string("image_proj", None, "Image projection weights (default: --ip_adapter's)."),
-            "i2v_module": flags.DEFINE_string("i2v_module", None, "I2V-Adapter first-frame attention (i2v_module.pth)."),
+                                                 "models/image_encoder folder (transformers "
+                                                 "CLIPVisionModelWithProjection) or its weight file."),
+            "image_proj": flags.DEFINE_string("image_proj", None, "Image projection weights (default: "
+                                              "--ip_adapter's)."),
+            "i2v_module": flags.DEFINE_string("i2v_module", None, "I2V-Adapter first-frame attention "
+                                              "(i2v_module.pth)."),
             "ip_adapter": flags.DEFINE_string("ip_adapter", None, "SD 1.5 IP-Adapter: ip-adapter-plus_sd15 or "
                                               "ip-adapter_sd15 (.bin or .safetensors)."),
         }

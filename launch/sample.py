@@ -155,9 +155,9 @@ def _pipeline(config) -> T2VPipeline:
     if checkpoint:
         if not os.path.isdir(checkpoint):
             raise app.UsageError(f"{checkpoint}: no such converted model folder" + (
-                "" if _CHECKPOINT.value else f" (config.sample.checkpoint; {config.family} {config.variant}: restore it "
-                f"with `git checkout -- {config.sample.checkpoint}`, or remake it with the commands in the config's "
-                "docstring, or give --checkpoint / --model)"))
+                "" if _CHECKPOINT.value else f" (config.sample.checkpoint; {config.family} {config.variant}: "
+                f"restore it with `git checkout -- {config.sample.checkpoint}`, or remake it with the commands in "
+                "the config's docstring, or give --checkpoint / --model)"))
         print(f"weights: converted model {checkpoint}")
         pipe = kind.from_converted(checkpoint)
         differ = model_differences(config, pipe.config, kind.PARTS)
@@ -166,9 +166,9 @@ def _pipeline(config) -> T2VPipeline:
                   "config.json) do not apply; convert or train a model with them")
         return _sample_as_configured(pipe, config)
     if not given:
-        raise app.UsageError(f"no weights for {config.family} {config.get('variant', '')}: {_WHERE_WEIGHTS.get(config.family, '')}"
-                             "Give a converted folder (--checkpoint), the files themselves (converted at load "
-                             "time), or --random_init (noise; smoke tests).")
+        raise app.UsageError(f"no weights for {config.family} {config.get('variant', '')}: "
+                             f"{_WHERE_WEIGHTS.get(config.family, '')}Give a converted folder (--checkpoint), the "
+                             "files themselves (converted at load time), or --random_init (noise; smoke tests).")
     print("weights: " + ", ".join(f"{k}={v}" for k, v in given.items()))
     return kind.from_files(config, loras=_WEIGHTS.loras(), **given)
 

@@ -36,10 +36,11 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Start from a converted mo
 _INIT = flags.DEFINE_list("init", [], "With --checkpoint: parts that start from random weights, as --config describes "
                          "them, instead of from the folder (e.g. --init=unet: a new UNet on a trained VAE).")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Stop after this many steps (default: config.train.num_steps).")
-_EXPORT = flags.DEFINE_string("export", None, "At the end, write the EMA weights as a converted model folder here (what "
-                              "launch/sample.py --checkpoint reads); a finished run only exports.")
+_EXPORT = flags.DEFINE_string("export", None, "At the end, write the EMA weights as a converted model folder here "
+                              "(what launch/sample.py --checkpoint reads); a finished run only exports.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs). On "
-                                  "TPU VMs and SLURM the processes find each other; elsewhere set the three flags below.")
+                                  "TPU VMs and SLURM the processes find each other; elsewhere set the three flags "
+                                  "below.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (with --distributed, off TPU/SLURM).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")

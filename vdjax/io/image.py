@@ -35,9 +35,9 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 image (any of as_rgb's forms) -> float32 (height, width, 3) in [-1, 1]: the largest centred crop of the target's aspect
-    ratio, resized (bicubic, antialiased). Upstream VideoCrafter resizes straight to the size instead, which
-    stretches images of another aspect ratio; for images of the model's aspect ratio the two agree."""
+    """uint8 image (any of as_rgb's forms) -> float32 (height, width, 3) in [-1, 1]: the largest centred crop of the
+    target's aspect ratio, resized (bicubic, antialiased). Upstream VideoCrafter resizes straight to the size
+    instead, which stretches images of another aspect ratio; for images of the model's aspect ratio the two agree."""
     from PIL import Image
 
     image = as_rgb(image)
@@ -49,6 +49,7 @@ def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
         log.warning("image %dx%d cropped to %dx%d (centre) for the frame's aspect ratio %dx%d", w, h, crop_w, crop_h,
                     width, height)
     if crop.size != (width, height):
-        log.info("image resized from %dx%d to the frame size %dx%d (bicubic)", crop.size[0], crop.size[1], width, height)
+        log.info("image resized from %dx%d to the frame size %dx%d (bicubic)", crop.size[0], crop.size[1], width,
+                 height)
         crop = crop.resize((width, height), Image.BICUBIC)
     return np.asarray(crop, np.float32) / 127.5 - 1.0

@@ -264,7 +264,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     try:
         fn = IMPLEMENTATIONS[impl]
     except KeyError:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(IMPLEMENTATIONS)}") from None
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of "
+                         f"{sorted(IMPLEMENTATIONS)}") from None
     return fn(q, k, v, causal)
 
 

@@ -317,7 +317,8 @@ class UNet3D(nnx.Module):
         """Raise a ValueError naming what the UNet can take; shapes only, so it runs at trace time."""
         cfg, f = self.config, self.downsampling_factor
         if len(sample_shape) != 5:
-            raise ValueError(f"sample must be (batch, frames, height, width, channels); got shape {tuple(sample_shape)}")
+            raise ValueError("sample must be (batch, frames, height, width, channels); got shape "
+                             f"{tuple(sample_shape)}")
         b, frames, h, w, c = sample_shape
         if c != cfg.in_channels:
             raise ValueError(f"sample has {c} channels; this UNet takes {cfg.in_channels} (channels-last layout)")
@@ -343,8 +344,8 @@ class UNet3D(nnx.Module):
         """The subject's pyramid latents ((B, h_s, w_s, C) per scale) -> the (B, h, w, C) latent conv_in sees."""
         levels = len(self.config.subject.scales)
         if not isinstance(subject, (tuple, list)) or len(subject) != levels:
-            raise ValueError(f"subject must be {levels} latent(s), one per pyramid scale {tuple(self.config.subject.scales)}"
-                             " (vdjax.models.subject.encode_pyramid)")
+            raise ValueError(f"subject must be {levels} latent(s), one per pyramid scale "
+                             f"{tuple(self.config.subject.scales)} (vdjax.models.subject.encode_pyramid)")
         return subject[0] if self.subject_fusion is None else self.subject_fusion(subject)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
@@ -364,7 +365,8 @@ class UNet3D(nnx.Module):
                                  "pyramid latents, vdjax.models.subject.encode_pyramid)")
             z = self.subject_latent(subject)
             if z.shape != (b, hgt, wid, cfg.subject.channels):
-                raise ValueError(f"subject latent {z.shape} does not match the sample's (batch, h, w) = {(b, hgt, wid)}")
+                raise ValueError(f"subject latent {z.shape} does not match the sample's (batch, h, w) = "
+                                 f"{(b, hgt, wid)}")
             sample = jnp.concatenate([sample, jnp.broadcast_to(z[:, None], (b, frames, *z.shape[1:]))], axis=-1)
         elif subject is not None:
             raise ValueError("this UNet has no subject input (unet.subject.channels = 0)")

@@ -159,7 +159,8 @@ class T2VPipeline:
             raise ValueError(f"height and width must be positive multiples of {f} for this model; got {height}x{width}"
                              f" (e.g. {max(f, height - height % f)}x{max(f, width - width % f)})")
         motion = self.config.unet.motion
-        if num_frames < 1 or (motion.kind == "animatediff" and motion.max_positions and num_frames > motion.max_positions):
+        limited = motion.kind == "animatediff" and motion.max_positions
+        if num_frames < 1 or (limited and num_frames > motion.max_positions):
             raise ValueError(f"num_frames={num_frames}; this model takes 1 to {motion.max_positions} frames")
         if steps < 1:
             raise ValueError(f"steps={steps}; use at least 1 sampling step")
