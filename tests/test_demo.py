@@ -143,6 +143,24 @@ def test_the_measures_can_fail(sample):
     assert shape_measures.displacement(clip) >= MIN_DISPLACEMENT and shape_measures.consistency(clip) == 1.0
 
 
+def test_direction_agreement_compares_the_ways_shapes_move():
+    """A white square moving right against the same square moving right, left, down, and standing still."""
+    def square(dy, dx):
+        video = np.zeros((8, 32, 32, 3), np.uint8)
+        for f in range(8):
+            y, x = 12 + dy * f, 8 + dx * f
+            video[f, y:y + 4, x:x + 4] = 245
+        return video
+
+    right = square(0, 2)
+    assert shape_measures.direction_agreement(right, right) == pytest.approx(1.0)
+    assert shape_measures.direction_agreement(square(0, -1), right) == pytest.approx(-1.0)
+    assert shape_measures.direction_agreement(square(1, 0), right) == pytest.approx(0.0, abs=1e-6)
+    assert np.isnan(shape_measures.direction_agreement(square(0, 0), right))
+    clip = make_clip(3, num_frames=8, size=32, seed=1)["video"]
+    assert shape_measures.direction_agreement(clip, clip) == pytest.approx(1.0)
+
+
 def test_sampling_settings_come_from_the_config_not_the_folder(tmp_path):
     """The demo folder's config.json samples with the frame prior from step 8; a --config.sample override wins (here
     one the pipeline refuses, so the test is quick) and the difference is printed; a model setting of --config does

@@ -9,6 +9,9 @@ is a connected component (8-connectivity) of one colour's mask with at least `mi
   centroids of its mask there; their mean (0 for a video that does not move).
 - `consistency(video)`: the fraction of frames whose shapes (the count of components per colour) equal frame 0's;
   a video whose shapes vanish, split, merge or change colour scores low.
+- `direction_agreement(video, reference)`: whether the shapes move the way the true clip's do (which only the
+  caption tells an image-to-video model): per colour, the cosine between the two videos' centroid shifts from
+  frame 0 to an early frame; their mean (1: the true directions, 0: unrelated, -1: reversed).
 
 The demo's tests (tests/test_demo.py) state their thresholds on these.
 """
@@ -55,6 +58,24 @@ def displacement(video: np.ndarray, min_pixels: int = 3) -> float:
     shifts = [np.linalg.norm(np.argwhere(a).mean(0) - np.argwhere(b).mean(0))
               for a, b in zip(first, last) if a.sum() >= min_pixels and b.sum() >= min_pixels]
     return float(np.mean(shifts)) if shifts else 0.0
+
+
+def _shifts(video: np.ndarray, frame: int, min_pixels: int) -> dict[int, np.ndarray]:
+    """colour -> its mask's centroid shift (dy, dx) from frame 0 to `frame`, for the colours present in both."""
+    first, later = colour_masks(video[0]), colour_masks(video[frame])
+    return {c: np.argwhere(b).mean(0) - np.argwhere(a).mean(0) for c, (a, b) in enumerate(zip(first, later))
+            if a.sum() >= min_pixels and b.sum() >= min_pixels}
+
+
+def direction_agreement(video: np.ndarray, reference: np.ndarray, frame: int = 3, min_pixels: int = 3,
+                        min_shift: float = 1.0) -> float:
+    """Mean over colours of cos(shift in `video`, shift in `reference`), the shifts from frame 0 to `frame` (early,
+    so that few shapes have bounced off a border yet), over the colours that move at least `min_shift` pixels in
+    both. NaN where no colour does (a still video has no direction)."""
+    ours, true = _shifts(video, frame, min_pixels), _shifts(reference, frame, min_pixels)
+    cosines = [ours[c] @ true[c] / (np.linalg.norm(ours[c]) * np.linalg.norm(true[c])) for c in ours.keys() & true
+               if min(np.linalg.norm(ours[c]), np.linalg.norm(true[c])) >= min_shift]
+    return float(np.mean(cosines)) if cosines else float("nan")
 
 
 def consistency(video: np.ndarray) -> float:
