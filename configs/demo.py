@@ -38,8 +38,8 @@ path; loading does not read them).
 
 Variants tried, not shipped (assets/demo/README.md): `factor=2` (a VAE of two levels: 16x16 latents) and, on it,
 `unet=wide` (48/96 channels, spatial attention at both levels; trained on the factor-2 VAE, and on the shipped
-factor-4 one, with `launch/train.py --init=unet`, since those folders hold a tiny UNet), and training on the Frame Similarity
-Prior's own path (`--config.train.frame_prior_path=True`: realistic motion, fewer shapes kept), and
+factor-4 one, with `launch/train.py --init=unet`, since those folders hold a tiny UNet), and training on the
+Frame Similarity Prior's own path (`--config.train.frame_prior_path=True`: realistic motion, fewer shapes kept), and
 `first_frame=concat` (the first frame's latent also concatenated to every frame's input channels,
 `unet.first_frame_concat`; fine-tuned from the shipped weights: no better).
 

@@ -24,7 +24,7 @@ def quiet_library_logs() -> None:
     """Show vdjax's own INFO lines (a run resumed, a sample written) but only the warnings of the libraries: Orbax
     writes some 30 INFO lines per checkpoint saved or loaded, JAX one per backend it cannot start. An explicit
     --verbosity (absl's flag: 0 = INFO, -1 = WARNING, ...) is left as given."""
-    if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+    if flags.FLAGS["verbosity"].present:
         return
     logging.getLogger().setLevel(logging.INFO)
     for name in ("absl", "jax"):  # Orbax logs through absl.logging, whose logger is 'absl'

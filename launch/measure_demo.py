@@ -1,5 +1,6 @@
 """Measure a demo model (configs/demo.py) on held-out moving_shapes clips: frame-0 PSNR, shape motion, shape
-consistency and agreement with the true clip's directions (vdjax/data/shape_measures.py), per clip and on average. assets/demo/README.md's numbers come from here.
+consistency and agreement with the true clip's directions (vdjax/data/shape_measures.py), per clip and on average.
+assets/demo/README.md's numbers come from here.
 
     python launch/measure_demo.py                                   # the shipped weights, 16 clips of seed 1
     python launch/measure_demo.py --checkpoint=runs/demo_unet/model --clips=32
@@ -70,8 +71,8 @@ def main(argv):
     psnr, motion, consistency, _ = np.mean(rows, axis=0)
     direction = np.nanmean([r[3] for r in rows])  # clips whose shapes do not move have no direction
     print(f"mean over {len(rows)} clips: psnr {psnr:.1f} dB, motion {motion:.1f} px, consistency {consistency:.2f}, "
-          f"direction {direction:.2f} (frame prior start_step {s.frame_prior.start_step}, keep_prob {s.frame_prior.keep_prob}, guidance "
-          f"{s.guidance_scale}, {s.steps} steps, eta {s.eta})")
+          f"direction {direction:.2f} (frame prior start_step {s.frame_prior.start_step}, keep_prob "
+          f"{s.frame_prior.keep_prob}, guidance {s.guidance_scale}, {s.steps} steps, eta {s.eta})")
 
 
 if __name__ == "__main__":
