@@ -68,7 +68,7 @@ def main(argv):
                      shape_measures.consistency(video), shape_measures.direction_agreement(video, clip["video"])))
         print(f"clip {i:3d}: psnr {rows[-1][0]:5.1f} dB  motion {rows[-1][1]:5.1f} px  consistency {rows[-1][2]:.2f}"
               f"  direction {rows[-1][3]:5.2f}  ({clip['caption']})")
-    psnr, motion, consistency, _ = np.mean(rows, axis=0)
+    psnr, motion, consistency = np.mean([r[:3] for r in rows], axis=0)
     direction = np.nanmean([r[3] for r in rows])  # clips whose shapes do not move have no direction
     print(f"mean over {len(rows)} clips: psnr {psnr:.1f} dB, motion {motion:.1f} px, consistency {consistency:.2f}, "
           f"direction {direction:.2f} (frame prior start_step {s.frame_prior.start_step}, keep_prob "

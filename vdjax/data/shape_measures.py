@@ -52,19 +52,17 @@ def subject_mask(frame: np.ndarray) -> np.ndarray:
     return colour_masks(frame).any(0)
 
 
-def displacement(video: np.ndarray, min_pixels: int = 3) -> float:
-    """Mean over the colours present at both ends of the centroid shift (pixels) from frame 0 to the last frame."""
-    first, last = colour_masks(video[0]), colour_masks(video[-1])
-    shifts = [np.linalg.norm(np.argwhere(a).mean(0) - np.argwhere(b).mean(0))
-              for a, b in zip(first, last) if a.sum() >= min_pixels and b.sum() >= min_pixels]
-    return float(np.mean(shifts)) if shifts else 0.0
-
-
 def _shifts(video: np.ndarray, frame: int, min_pixels: int) -> dict[int, np.ndarray]:
     """colour -> its mask's centroid shift (dy, dx) from frame 0 to `frame`, for the colours present in both."""
     first, later = colour_masks(video[0]), colour_masks(video[frame])
     return {c: np.argwhere(b).mean(0) - np.argwhere(a).mean(0) for c, (a, b) in enumerate(zip(first, later))
             if a.sum() >= min_pixels and b.sum() >= min_pixels}
+
+
+def displacement(video: np.ndarray, min_pixels: int = 3) -> float:
+    """Mean over the colours present at both ends of the centroid shift (pixels) from frame 0 to the last frame."""
+    shifts = _shifts(video, -1, min_pixels)
+    return float(np.mean([np.linalg.norm(v) for v in shifts.values()])) if shifts else 0.0
 
 
 def direction_agreement(video: np.ndarray, reference: np.ndarray, frame: int = 3, min_pixels: int = 3,
