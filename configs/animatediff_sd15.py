@@ -85,6 +85,7 @@ def get_config(arg: str = "variant=v2") -> ml_collections.ConfigDict:
         max_timestep=0,  # train on timesteps below this one only (0: all of them)
         frame_prior_path=False,  # I2V: train the path that config.sample's Frame Similarity Prior samples
         subject_loss_weight=0.0,  # > 0: the loss weighs latent blocks with a subject (frame masks) 1 + this
+        loss_weighting="epsilon",  # or 'v': the squared error / alphas_cumprod[t] (Trainer.timestep_weights)
         # A sample video (EMA weights, config.sample's settings) every this many steps; 0: never.
         sample_every=5000, sample_prompt="a red circle and a blue square moving right"))
     # source: 'moving_shapes' (made on the fly) | 'video_folder' (folder) | 'tfds' (tfds_dir, a prepared dataset)

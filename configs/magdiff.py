@@ -91,7 +91,7 @@ def get_config(arg: str = "variant=sd21") -> ml_collections.ConfigDict:
         batch_size=8, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999, weight_decay=1e-2, grad_accum_steps=1,
         ema_decay=0.9999, remat="full", seed=0, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
         caption_dropout=0.15, mesh=dict(data=-1, fsdp=1, tensor=1), sample_every=0,
-        subject_loss_weight=0.0, sample_prompt="a red circle and a blue square moving right"))
+        subject_loss_weight=0.0, loss_weighting="epsilon", sample_prompt="a red circle and a blue square moving right"))
     if temporal == "videoassembler":
         config.train.trainable = TRAINABLE_VIDEOASSEMBLER
     config.data = ml_collections.ConfigDict(dict(source="moving_shapes", folder="", tfds_dir="", num_examples=10_000,

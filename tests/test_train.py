@@ -1,5 +1,6 @@
-"""The trainer's step: frozen vs trainable parameters, rematerialisation, timestep bounds, the subject loss, sharded
-steps equal the single-device step, the batch stream, the loop's in-flight step, a tiny model overfitting.
+"""The trainer's step: frozen vs trainable parameters, rematerialisation, timestep bounds, the subject loss, the v
+loss weighting, sharded steps equal the single-device step, the batch stream, the loop's in-flight step, a tiny model
+overfitting.
 launch/train.py's runs (checkpoints, resumption, SIGTERM, several processes) are in tests/test_train_runs.py."""
 from __future__ import annotations
 
@@ -103,6 +104,36 @@ def test_subject_loss_weight_weighs_the_subject_blocks(tiny_pipe, trainer):
         weighted.step(weighted.init(0), _batch(7))
     config.train.subject_loss_weight = -1.0
     with pytest.raises(ValueError, match="subject_loss_weight=-1.0"):
+        Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
+
+
+def test_v_loss_weighting_divides_the_noise_error_by_alphas_cumprod(tiny_pipe, trainer):
+    """train.loss_weighting='v': the step's loss is the plain one / alphas_cumprod[t] (one clip, so one t), which
+    is the v-prediction loss of the epsilon model's prediction."""
+    rng = np.random.default_rng(0)
+    a, eps, eps_hat, z = rng.uniform(0.01, 0.99), *rng.normal(size=(3, 64))
+    x_t = np.sqrt(a) * z + np.sqrt(1 - a) * eps
+    z_hat = (x_t - np.sqrt(1 - a) * eps_hat) / np.sqrt(a)
+    v, v_hat = np.sqrt(a) * eps - np.sqrt(1 - a) * z, np.sqrt(a) * eps_hat - np.sqrt(1 - a) * z_hat
+    np.testing.assert_allclose(np.mean((v_hat - v) ** 2), np.mean((eps_hat - eps) ** 2) / a, rtol=1e-10)
+
+    config = tiny_pipe.config.copy_and_resolve_references()
+    config.train.loss_weighting = "v"
+    weighted = Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
+    batch = _batch(3, n=1)
+    state = trainer.init(0)
+    _, k_t, _, _ = jax.random.split(jax.random.wrap_key_data(state.rng), 4)  # as the step draws its t
+    t = int(trainer.draw_timesteps(k_t, 1)[0])
+    plain = float(trainer.step(state, batch)[1]["loss"])
+    got = float(weighted.step(weighted.init(0), batch)[1]["loss"])
+    assert abs(got - plain / float(trainer.alphas_cumprod[t])) <= 1e-5 * got, (t, got, plain)
+    assert got > plain * 1.001  # a different loss, not the plain one
+    config.train.loss_weighting = "x0"
+    with pytest.raises(ValueError, match="loss_weighting='x0'; choose one of epsilon, v"):
+        Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
+    config.train.loss_weighting = "v"
+    config.schedule.prediction_type = "v_prediction"
+    with pytest.raises(ValueError, match="already its own"):
         Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
 
 

@@ -34,6 +34,7 @@ from vdjax.models.vae import Posterior
 from vdjax.pipelines.magdiff import subject_pixels
 from vdjax.train.state import TrainState, init_state, lr_schedule, make_optimizer, split_trainable
 
+LOSS_WEIGHTINGS = ("epsilon", "v")  # train.loss_weighting: see Trainer.timestep_weights
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -71,6 +72,14 @@ class Trainer:
         if self.frame_prior_timestep:
             self.max_timestep = self.frame_prior_timestep + 1
         self.subject_loss_weight = float(cfg.train.get("subject_loss_weight", 0.0))
+        self.loss_weighting = cfg.train.get("loss_weighting", "epsilon")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"train.loss_weighting={self.loss_weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)} "
+                             "(epsilon: the plain squared error; v: that error / alphas_cumprod[t], the "
+                             "v-prediction loss, which weighs the noisy timesteps that decide layout and motion)")
+        if self.loss_weighting == "v" and cfg.schedule.prediction_type != "epsilon":
+            raise ValueError("train.loss_weighting='v' reweighs an epsilon model's loss; a "
+                             f"{cfg.schedule.prediction_type} model's loss is already its own: use 'epsilon'")
         if self.subject_loss_weight < 0:
             raise ValueError(f"train.subject_loss_weight={self.subject_loss_weight}; use 0 (a plain mean) or more")
         if cfg.train.remat not in REMAT:
@@ -175,6 +184,16 @@ class Trainer:
         """Uniform training timesteps in [0, max_timestep)."""
         return jax.random.randint(key, (batch,), 0, self.max_timestep)
 
+    def timestep_weights(self, t: jax.Array) -> jax.Array:
+        """(B,) loss weights of timesteps t: 1 (epsilon), or 1 / alphas_cumprod[t] (v). An epsilon model's error
+        on the clean latent is sqrt((1 - abar) / abar) times its noise error, so the plain loss hardly sees the
+        noisy timesteps where a shape's place in the later frames is decided (at t = 640 of SD's schedule its
+        noise error is a tenth of that at t = 50); the v-prediction loss, (noise error)^2 / abar, weighs them as a
+        v-prediction model's training does, and the model still predicts the noise."""
+        if self.loss_weighting == "v":
+            return 1.0 / self.alphas_cumprod[t]
+        return jnp.ones(t.shape, jnp.float32)
+
     def diffuse(self, z: jax.Array, noise: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Latents (B, F, h, w, C), standard normal noise and timesteps (B,) -> (the UNet's noisy input, its target).
         I2V (train.first_frame_clean): frame 0 enters clean; with train.frame_prior_path the noise is
@@ -236,11 +255,12 @@ class Trainer:
         weights = self._loss_weights(batch, z.shape)
         start = 1 if cfg.train.get("first_frame_clean", False) else 0  # a clean frame 0 is not denoised
         weights = None if weights is None else weights[:, start:]
+        per_sample = self.timestep_weights(t)[:, None, None, None, None]
 
         def loss_fn(trainable):
             unet = nnx.merge(self.graphdef, trainable, frozen)
             pred = unet(noisy, t, context, fps=fps, remat=REMAT[cfg.train.remat], **extras)
-            error = jnp.square(pred[:, start:] - target[:, start:])
+            error = per_sample * jnp.square(pred[:, start:] - target[:, start:])
             if weights is None:
                 return jnp.mean(error)
             return jnp.sum(weights * error) / (jnp.sum(weights) * error.shape[-1])
