@@ -53,7 +53,7 @@ import pathlib
 
 import ml_collections
 
-STAGES = ("unet", "vae")
+STAGES = ("unet", "vae", "decoder")  # decoder: the VAE's decoder fine-tuned under the trained UNet
 FACTORS = ("4", "2")  # the VAE's downsampling: 4 (the shipped weights), 2 (16x16 latents: tried, not shipped)
 UNETS = ("tiny", "wide")  # tiny: the tests' 32/64 channels, attention at 16x16 only; wide: 48/96, attention at both
 FIRST_FRAME = ("attention", "concat")  # concat: frame 0's latent also as input channels of every frame (not shipped)
@@ -75,7 +75,8 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
     stage = args.get("stage", args.get("", "unet"))
     if stage not in STAGES:
         raise ValueError(f"unknown demo stage {stage!r}; choose one of {', '.join(STAGES)} (vae: train the "
-                         "autoencoder first; unet: the model itself, the default)")
+                         "autoencoder first; unet: the model itself, the default; decoder: fine-tune the VAE's "
+                         "decoder of a trained model)")
     factor = args.get("factor", "4")
     if factor not in FACTORS:
         raise ValueError(f"unknown demo VAE factor {factor!r}; choose one of {', '.join(FACTORS)} (4: the shipped "
@@ -96,14 +97,14 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
     config.unet.update(in_channels=8, out_channels=8)
     config.vae.update(block_out_channels=(32, 64, 64), latent_channels=8)
     config.vae.scaling_factor = 1.0  # the VAE stage does not use it; the UNet stage's is 1 / the VAE run's last
-    if stage == "unet":              # latent_std (runs/demo_vae/metrics.jsonl, step 800: 2.2096)
+    if stage != "vae":               # latent_std (runs/demo_vae/metrics.jsonl, step 800: 2.2096)
         config.vae.scaling_factor = 0.4526
         config.schedule.clip_sample = False  # latents of unit scale reach past [-1, 1]: predicted x0 not clipped
     if factor == "2":  # shapes 2-4 latent pixels wide instead of 1-2, where the factor-4 model merges near shapes;
         # 4 latent channels suffice at this size. UNet steps cost 4x (0.59 steps/s at batch 8 on 2 cores).
         config.unet.update(in_channels=4, out_channels=4)
         config.vae.update(block_out_channels=(32, 64), latent_channels=4)
-        if stage == "unet":  # 1 / latent_std of `stage=vae,factor=2` (800 steps: 2.3664; PSNR 30.6 dB)
+        if stage != "vae":  # 1 / latent_std of `stage=vae,factor=2` (800 steps: 2.3664; PSNR 30.6 dB)
             config.vae.scaling_factor = 0.4226
     if unet == "wide":  # first-frame attention with heads of 24 (tiny: 16) channels, and at the 8x8 level too, where
         # a shape's whole neighbourhood is in view; 0.63 steps/s at batch 8 on 2 cores (tiny, factor 2: 1.1)
@@ -120,7 +121,8 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
     config.sample.checkpoint = "assets/demo/model" if factor == "4" else "runs/demo_f2_unet/model"  # not shipped
     config.sample.image = "assets/demo/first_frame.png"
     config.sample.prompt = DEMO_PROMPT
-    config.data.update(source="moving_shapes", num_examples=20_000, num_frames=8, size=32)
+    config.data.update(source="moving_shapes", num_examples=20_000, num_frames=8, size=32,
+                       motion=args.get("motion", "random"))
     config.train.update(trainable=(".*",), learning_rate=1e-3, schedule="cosine", warmup_steps=200, num_steps=3000,
                         batch_size=4, ema_decay=0.995, log_every=50, checkpoint_every=500, keep_checkpoints=2,
                         caption_dropout=0.1, sample_every=1500, objective="diffusion", kl_weight=0.0,
@@ -129,4 +131,10 @@ def get_config(arg: str = "stage=unet") -> ml_collections.ConfigDict:
         config.train.update(objective="autoencoder", kl_weight=1e-6, num_steps=800, learning_rate=2e-3,
                             warmup_steps=50, ema_decay=0.99, sample_every=0, batch_size=8, checkpoint_every=200)
         config.data.num_frames = 2  # frames are images to the VAE: two per clip, more clips per step
+    if stage == "decoder":  # the encoder (so the latents the UNet learned) frozen; the exported folder is the whole
+        # model with the sampling settings above (--checkpoint=a demo model folder)
+        config.train.update(objective="autoencoder", trainable=("decoder", "post_quant_conv"), kl_weight=0.0,
+                            num_steps=3000, learning_rate=5e-4, warmup_steps=50, ema_decay=0.999, sample_every=0,
+                            batch_size=8, checkpoint_every=500)
+        config.data.update(num_frames=2, num_examples=1_000_000)  # fresh clips
     return config

@@ -66,7 +66,8 @@ def get_config(arg: str = "variant=t2v_512_v2") -> ml_collections.ConfigDict:
         warmup_steps=100, num_steps=100_000, batch_size=8, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999,
         weight_decay=1e-2, grad_accum_steps=1, ema_decay=0.9999, remat="full", seed=0, log_every=10,
         checkpoint_every=1000, keep_checkpoints=3, caption_dropout=0.1, mesh=dict(data=-1, fsdp=1, tensor=1),
-        subject_loss_weight=0.0, loss_weighting="epsilon", sample_every=0, sample_prompt="a red circle and a blue square moving right"))
+        subject_loss_weight=0.0, loss_weighting="epsilon", sample_every=0,
+        sample_prompt="a red circle and a blue square moving right"))
     config.data = ml_collections.ConfigDict(dict(source="moving_shapes", folder="", tfds_dir="", num_examples=10_000,
                                                  num_frames=16, size=256, frame_stride=1))
     return config

@@ -57,7 +57,9 @@ def main(argv):
         s.steps = _STEPS.value
     if _ETA.value is not None:
         s.eta = _ETA.value
-    clips = [make_clip(i, num_frames=s.num_frames, size=s.height, seed=1) for i in range(_CLIPS.value)]
+    dynamics = pipe.config.data.get("motion", "random")  # moving_shapes' motion that the model was trained on
+    clips = [make_clip(i, num_frames=s.num_frames, size=s.height, seed=1, motion=dynamics)
+             for i in range(_CLIPS.value)]
     captions = [c["caption"] if _CAPTIONS.value == "true" else "" for c in clips]
     out = pipe(captions, negative_prompt=s.negative_prompt, seed=s.seed,
                image=np.stack([c["first_frame"] for c in clips]), num_frames=s.num_frames, height=s.height,
@@ -72,7 +74,7 @@ def main(argv):
     direction = np.nanmean([r[3] for r in rows])  # clips whose shapes do not move have no direction
     print(f"mean over {len(rows)} clips: psnr {psnr:.1f} dB, motion {motion:.1f} px, consistency {consistency:.2f}, "
           f"direction {direction:.2f} (frame prior start_step {s.frame_prior.start_step}, keep_prob "
-          f"{s.frame_prior.keep_prob}, guidance {s.guidance_scale}, {s.steps} steps, eta {s.eta})")
+          f"{s.frame_prior.keep_prob}, guidance {s.guidance_scale}, {s.steps} steps, eta {s.eta}; {dynamics} motion)")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def make_batches(config, tokenize):
     with_mask = bool(config.unet.get("subject", {}).get("channels", 0))  # MagDiff: the subject masks too
     masks = dict(with_mask=with_mask, with_frame_masks=t.get("subject_loss_weight", 0.0) > 0)  # and per frame
     if d.source == "moving_shapes":
-        source = MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=t.seed)
+        source = MovingShapes(d.num_examples, num_frames=d.num_frames, size=d.size, seed=t.seed,
+                              motion=d.get("motion", "random"))
         return BatchStream(source, global_batch=t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
                            tokenize=tokenize, **masks)
     if d.source in ("video_folder", "tfds"):

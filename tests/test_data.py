@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("grain")
 
-from vdjax.data.moving_shapes import COLOURS, MovingShapes, make_clip  # noqa: E402
+from vdjax.data.moving_shapes import COLOURS, KIND_VELOCITY, MovingShapes, make_clip  # noqa: E402
 from vdjax.data.pipeline import make_dataset  # noqa: E402
 from vdjax.data.video_folder import VideoFolder  # noqa: E402
 from vdjax.io.video import write_video  # noqa: E402
@@ -55,6 +55,34 @@ def test_clip_content():
         assert drawn == named, (clip["caption"], drawn)
         # The background is textured, not flat.
         assert clip["video"][0][clip["mask"][0] == 0].std() > 2.0
+
+
+def test_motion_by_kind_moves_each_kind_its_own_way():
+    """motion='by_kind': the first frame of 'random', then squares right, circles down, triangles left, 0.04 frame
+    sizes per frame, as the caption says; a single shape's mask moves exactly that far before any bounce."""
+    size, checked = 64, 0
+    for index in range(60):
+        a = make_clip(index, num_frames=4, size=size, seed=3)
+        b = make_clip(index, num_frames=4, size=size, seed=3, motion="by_kind")
+        np.testing.assert_array_equal(a["first_frame"], b["first_frame"])
+        for kind, word in (("square", "right"), ("circle", "down"), ("triangle", "left")):
+            assert f"{kind} moving" not in b["caption"] or f"{kind} moving {word}" in b["caption"], b["caption"]
+        if " and " in b["caption"]:
+            continue
+        kind = b["caption"].split()[2]
+        ys, xs = np.nonzero(b["mask"][0])
+        dy, dx = np.asarray(KIND_VELOCITY[kind]) * size
+        reach = 3 * max(abs(dy), abs(dx)) + 1  # how far it goes by frame 3
+        if min(ys.min(), xs.min()) - reach < 0 or max(ys.max(), xs.max()) + reach >= size:
+            continue  # near a border: it may bounce within these frames
+        shift = np.argwhere(b["mask"][3]).mean(0) - np.argwhere(b["mask"][0]).mean(0)
+        np.testing.assert_allclose(shift, (3 * dy, 3 * dx), atol=1.0)  # masks are whole pixels
+        checked += 1
+    assert checked >= 3
+    with pytest.raises(ValueError, match="choose one of random, by_kind"):
+        make_clip(0, motion="sideways")
+    with pytest.raises(ValueError, match="choose one of random, by_kind"):
+        MovingShapes(4, motion="sideways")
 
 
 def test_moving_shapes_source():

@@ -72,10 +72,10 @@ def test_the_shipped_files(config):
             assert "/work/" not in (folder / name).read_text(), name
 
 
-def test_factor_two_variant_has_16x16_latents():
-    """configs/demo.py:factor=2 (the next candidate, assets/demo/README.md): its VAE maps the demo's 32x32 frames to
-    16x16 latents whose channels are the UNet's, and its wide UNet takes them; an unknown factor or UNet is refused
-    with the choices."""
+def test_the_config_variants():
+    """configs/demo.py:factor=2 (assets/demo/README.md): its VAE maps the demo's 32x32 frames to 16x16 latents whose
+    channels are the UNet's, and its wide UNet takes them; stage=decoder trains the VAE's decoder alone, with the
+    UNet stage's latent scale; an unknown factor, UNet or stage is refused with the choices."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -94,6 +94,11 @@ def test_factor_two_variant_has_16x16_latents():
     assert eps.shape == (1, 8, 16, 16, 4) and wide.unet.block_out_channels == (48, 96)
     with pytest.raises(ValueError, match="choose one of tiny, wide"):
         load_config("configs/demo.py:unet=huge")
+    decoder = load_config("configs/demo.py:stage=decoder")  # the decoder fine-tuned under the shipped UNet
+    assert decoder.train.objective == "autoencoder" and decoder.train.trainable == ("decoder", "post_quant_conv")
+    assert decoder.vae.scaling_factor == load_config("configs/demo.py").vae.scaling_factor  # a sampleable folder
+    with pytest.raises(ValueError, match="choose one of unet, vae, decoder"):
+        load_config("configs/demo.py:stage=encoder")
 
 
 def test_frame_zero_is_the_input(sample):

@@ -1,6 +1,6 @@
 """The trainer's step: frozen vs trainable parameters, rematerialisation, timestep bounds, the subject loss, the v
-loss weighting, sharded steps equal the single-device step, the batch stream, the loop's in-flight step, a tiny model
-overfitting.
+loss weighting, the VAE's step (whole or decoder only), sharded steps equal the single-device step, the batch
+stream, the loop's in-flight step, a tiny model overfitting.
 launch/train.py's runs (checkpoints, resumption, SIGTERM, several processes) are in tests/test_train_runs.py."""
 from __future__ import annotations
 
@@ -135,6 +135,33 @@ def test_v_loss_weighting_divides_the_noise_error_by_alphas_cumprod(tiny_pipe, t
     config.schedule.prediction_type = "v_prediction"
     with pytest.raises(ValueError, match="already its own"):
         Trainer(config, tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
+
+
+def test_the_autoencoder_step_trains_what_train_trainable_names(tiny_pipe):
+    """train.objective='autoencoder' with train.trainable = the decoder: its loss falls on a fixed batch, the
+    decoder changes, the encoder (so the latents a diffusion model learned) does not; '.*' trains the whole VAE."""
+    from vdjax.train.autoencoder import AutoencoderTrainer
+
+    config = tiny_pipe.config.copy_and_resolve_references()
+    config.train.update(objective="autoencoder", kl_weight=1e-6, trainable=("decoder", "post_quant_conv"),
+                        learning_rate=1e-3, warmup_steps=1)
+    params = dict(nnx.to_flat_state(nnx.state(tiny_pipe.vae, nnx.Param)))
+    decoder = {p: v for p, v in params.items() if p[0] in ("decoder", "post_quant_conv")}
+    trainer = AutoencoderTrainer(config, tiny_pipe.vae)
+    assert trainer.trainable_count == sum(v.size for v in decoder.values()) > 0
+    assert trainer.trainable_count + trainer.frozen_count == sum(v.size for v in params.values())
+    state, batch, losses = trainer.init(0), {"video": _batch(5, frames=2)["video"]}, []
+    for _ in range(4):
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses
+    trained = dict(nnx.to_flat_state(nnx.state(nnx.merge(trainer.graphdef, state.trainable, trainer.frozen),
+                                                   nnx.Param)))
+    changed = {p for p, v in params.items() if not np.array_equal(np.asarray(v.value), np.asarray(trained[p].value))}
+    assert changed and changed <= set(decoder), sorted(changed - set(decoder))[:3]
+    config.train.trainable = (".*",)
+    whole = AutoencoderTrainer(config, tiny_pipe.vae)
+    assert whole.frozen_count == 0 and whole.trainable_count == sum(v.size for v in params.values())
 
 
 def test_the_stream_gives_every_frame_s_subject_mask_when_asked():

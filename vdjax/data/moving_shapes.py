@@ -11,6 +11,10 @@ import numpy as np
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40),
            "purple": (150, 60, 200), "white": (245, 245, 245)}
 SHAPES = ("square", "circle", "triangle")
+MOTIONS = ("random", "by_kind")
+# motion='by_kind': each kind's own velocity (dy, dx) in frame sizes per frame, so that where a shape goes can be read
+# from the first frame alone (a tiny image-to-video model learns that; it hardly learns to read directions from text)
+KIND_VELOCITY = {"square": (0.0, 0.04), "circle": (0.04, 0.0), "triangle": (0.0, -0.04)}
 
 
 def _direction(v) -> str:
@@ -29,7 +33,12 @@ def _shape_mask(kind: str, centre, radius: float, size: int) -> np.ndarray:
     return (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 2)  # triangle, apex up
 
 
-def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0) -> dict:
+def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0, motion: str = "random") -> dict:
+    """motion: 'random' (each shape's direction and speed drawn: only the caption says which way it goes) or
+    'by_kind' (squares move right, circles down, triangles left, all at 0.04 frame sizes per frame; the same first
+    frame as 'random')."""
+    if motion not in MOTIONS:
+        raise ValueError(f"motion={motion!r}; choose one of {', '.join(MOTIONS)}")
     rng = np.random.default_rng([seed, index])
     # Background: two smooth colour gradients plus faint stripes, so the model has texture to keep still.
     y, x = np.mgrid[:size, :size].astype(np.float32) / size
@@ -42,6 +51,8 @@ def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
         objects.append(dict(kind=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
                             pos=rng.uniform(radius, size - radius, 2), radius=radius,
                             vel=rng.choice([-1, 1], 2) * rng.uniform(0.02, 0.06, 2) * size))
+        if motion == "by_kind":  # drawn above all the same, so that the first frame does not depend on `motion`
+            objects[-1]["vel"] = np.asarray(KIND_VELOCITY[objects[-1]["kind"]]) * size
         objects[-1]["direction"] = _direction(objects[-1]["vel"])  # as it starts (it may bounce later)
     video = np.empty((num_frames, size, size, 3), np.uint8)
     mask = np.zeros((num_frames, size, size), np.uint8)
@@ -64,8 +75,12 @@ def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
 class MovingShapes:
     """Random-access source (len, getitem) of `make_clip` examples."""
 
-    def __init__(self, num_examples: int = 1000, *, num_frames: int = 16, size: int = 64, seed: int = 0):
+    def __init__(self, num_examples: int = 1000, *, num_frames: int = 16, size: int = 64, seed: int = 0,
+                 motion: str = "random"):
+        if motion not in MOTIONS:
+            raise ValueError(f"motion={motion!r}; choose one of {', '.join(MOTIONS)}")
         self.num_examples, self.num_frames, self.size, self.seed = num_examples, num_frames, size, seed
+        self.motion = motion
 
     def __len__(self) -> int:
         return self.num_examples
@@ -73,4 +88,4 @@ class MovingShapes:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_examples:
             raise IndexError(index)
-        return make_clip(index, num_frames=self.num_frames, size=self.size, seed=self.seed)
+        return make_clip(index, num_frames=self.num_frames, size=self.size, seed=self.seed, motion=self.motion)

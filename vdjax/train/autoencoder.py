@@ -5,6 +5,8 @@ needs its own. The loss is the per-pixel mean squared reconstruction error of th
 every clip, decoded from a posterior sample) plus `train.kl_weight` times the KL divergence of the posterior from
 N(0, I), averaged per latent element. The step has the trainer's contract (`init`, `step`, `graphdef`/`frozen`,
 `compile_seconds`, `step_flops`), so `vdjax.train.loop.train` runs, logs, checkpoints and resumes it unchanged.
+Only the parameters that `train.trainable` matches train: the decoder alone keeps the latent space (as Stability's
+fine-tuned SD VAE decoders did), so a decoder can be improved under a trained diffusion model.
 Besides the loss it logs `latent_std` (the standard deviation of the posterior means): the UNet stage's
 `vae.scaling_factor` is its inverse, so that the diffusion model sees latents of unit scale.
 """
@@ -29,7 +31,9 @@ class AutoencoderTrainer:
 
     def __init__(self, config: Any, vae: nnx.Module, mesh: jax.sharding.Mesh | None = None):
         self.config, self.vae = config, vae
-        self.graphdef, trainable, self.frozen = split_trainable(vae, (".*",))  # every VAE parameter
+        # train.trainable: '.*' (the whole VAE, from scratch), or e.g. ('decoder', 'post_quant_conv'): a decoder
+        # fine-tuned on a frozen encoder, so the latents, and a diffusion model trained on them, stay valid.
+        self.graphdef, trainable, self.frozen = split_trainable(vae, tuple(config.train.get("trainable", (".*",))))
         self.tx = make_optimizer(config.train)
         self.lr = lr_schedule(config.train)
         self.mesh = mesh or parallel.make_mesh(dict(config.train.mesh))
@@ -47,7 +51,7 @@ class AutoencoderTrainer:
 
     @property
     def frozen_count(self) -> int:
-        return 0
+        return sum(x.size for x in jax.tree.leaves(self.frozen))
 
     def init(self, seed: int) -> TrainState:
         return jax.device_put(init_state(self._trainable, self.tx, seed), self._replicated)
