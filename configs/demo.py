@@ -41,7 +41,9 @@ Variants tried, not shipped (assets/demo/README.md): `factor=2` (a VAE of two le
 factor-4 one, with `launch/train.py --init=unet`, since those folders hold a tiny UNet), and training on the
 Frame Similarity Prior's own path (`--config.train.frame_prior_path=True`: realistic motion, fewer shapes kept), and
 `first_frame=concat` (the first frame's latent also concatenated to every frame's input channels,
-`unet.first_frame_concat`; fine-tuned from the shipped weights: no better).
+`unet.first_frame_concat`; fine-tuned from the shipped weights: no better), the v-prediction loss
+(`--config.train.loss_weighting=v`), a fine-tuned decoder (`stage=decoder`: 32 dB frames, fewer shapes kept) and
+motion the first frame decides (`motion=by_kind`, moving_shapes' squares right, circles down, triangles left).
 
 What it shows (tests/test_demo.py; launch/measure_demo.py over 16 held-out clips): frame 0 is the input (26.2 dB
 PSNR on the bundled frame, 27.2 on average), the shapes move (8.3 px mean centroid shift over the clip; 5.9 on
