@@ -17,6 +17,11 @@ MOTIONS = ("random", "by_kind")
 KIND_VELOCITY = {"square": (0.0, 0.04), "circle": (0.04, 0.0), "triangle": (0.0, -0.04)}
 
 
+def _check_motion(motion: str) -> None:
+    if motion not in MOTIONS:
+        raise ValueError(f"motion={motion!r}; choose one of {', '.join(MOTIONS)}")
+
+
 def _direction(v) -> str:
     horizontal = "right" if v[1] > 0 else "left"
     vertical = "down" if v[0] > 0 else "up"
@@ -37,8 +42,7 @@ def make_clip(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
     """motion: 'random' (each shape's direction and speed drawn: only the caption says which way it goes) or
     'by_kind' (squares move right, circles down, triangles left, all at 0.04 frame sizes per frame; the same first
     frame as 'random')."""
-    if motion not in MOTIONS:
-        raise ValueError(f"motion={motion!r}; choose one of {', '.join(MOTIONS)}")
+    _check_motion(motion)
     rng = np.random.default_rng([seed, index])
     # Background: two smooth colour gradients plus faint stripes, so the model has texture to keep still.
     y, x = np.mgrid[:size, :size].astype(np.float32) / size
@@ -77,8 +81,7 @@ class MovingShapes:
 
     def __init__(self, num_examples: int = 1000, *, num_frames: int = 16, size: int = 64, seed: int = 0,
                  motion: str = "random"):
-        if motion not in MOTIONS:
-            raise ValueError(f"motion={motion!r}; choose one of {', '.join(MOTIONS)}")
+        _check_motion(motion)  # here, not at the first clip
         self.num_examples, self.num_frames, self.size, self.seed = num_examples, num_frames, size, seed
         self.motion = motion
 

@@ -75,8 +75,9 @@ class Trainer:
         self.loss_weighting = cfg.train.get("loss_weighting", "epsilon")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"train.loss_weighting={self.loss_weighting!r}; choose one of "
-                             f"{', '.join(LOSS_WEIGHTINGS)} (epsilon: the plain squared error; v: that error / alphas_cumprod[t], the "
-                             "v-prediction loss, which weighs the noisy timesteps that decide layout and motion)")
+                             f"{', '.join(LOSS_WEIGHTINGS)} (epsilon: the plain squared error; v: that error / "
+                             "alphas_cumprod[t], the v-prediction loss, which weighs the noisy timesteps that decide "
+                             "layout and motion)")
         if self.loss_weighting == "v" and cfg.schedule.prediction_type != "epsilon":
             raise ValueError("train.loss_weighting='v' reweighs an epsilon model's loss; a "
                              f"{cfg.schedule.prediction_type} model's loss is already its own: use 'epsilon'")
