@@ -163,22 +163,64 @@ def test_first_frame_concat_gives_every_frame_the_clean_first_frame():
         UNet3D(cfg, rngs=InitKeys(0))
 
 
-def test_a_model_without_first_frame_concat_loads_into_a_config_with_it(pipe, tmp_path):
-    """converted.load(config=...) with unet.first_frame_concat over a folder saved without it: the same UNet, its
-    frame-0 channels at zero (a fine-tuning run's start, configs/demo.py:first_frame=concat)."""
+@pytest.mark.parametrize("option", ["first_frame_concat", "first_frame_rotary"])
+def test_a_model_without_an_addable_option_loads_into_a_config_with_it(pipe, tmp_path, option):
+    """converted.load(config=...) with unet.first_frame_concat (or first_frame_rotary) over a folder saved without
+    it: the same UNet, what the option adds at zero (a fine-tuning run's start, configs/demo.py:first_frame=...)."""
     from vdjax.convert import converted
 
     converted.save(str(tmp_path / "model"), pipe.config, {"unet": pipe.unet})
     cfg = load_config(SPEC)
-    cfg.unet.first_frame_concat = True
+    cfg.unet[option] = True
     _, models = converted.load(str(tmp_path / "model"), parts=["unet"], config=cfg)
-    widened = models["unet"]
-    assert widened.config.first_frame_concat and widened.conv_in.kernel.shape[2] == 2 * cfg.unet.in_channels
+    grown = models["unet"]
+    assert grown.config[option]
+    if option == "first_frame_concat":
+        assert grown.conv_in.kernel.shape[2] == 2 * cfg.unet.in_channels
+    else:
+        frequencies = [v for path, v in nnx.to_flat_state(nnx.state(grown, nnx.Param))
+                       if path[-1] == "rotary_frequencies"]
+        assert frequencies and not any(np.asarray(f.get_value()).any() for f in frequencies)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(1, 3, 8, 8, 4)), jnp.float32)
     context = jnp.asarray(rng.normal(size=(1, 77 + 16, 32)), jnp.float32)
     forward = lambda m: np.asarray(nnx.jit(lambda m: m(x, 500, context))(m))
-    np.testing.assert_allclose(forward(widened), forward(pipe.unet), atol=1e-6)
+    np.testing.assert_allclose(forward(grown), forward(pipe.unet), atol=1e-6)
+
+
+def test_rotary_first_frame_attention_looks_by_offset():
+    """first_frame_rotary: a query and a key of fixed content score by their grid offset alone; with frequencies at
+    zero (their init) the branch is I2V-Adapter's, with others it is not; odd head widths and a missing grid width
+    are refused."""
+    from vdjax.layers.attention import FirstFrameAttention, rotate_2d
+    from vdjax.layers.primitives import InitKeys
+    from vdjax.models.unet3d import UNet3D
+
+    frequencies = jax.random.normal(jax.random.key(0), (2, 2, 4))
+    q = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 1, 2, 16)), (1, 12, 2, 16))  # one content
+    k = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 1, 2, 16)), (1, 12, 2, 16))  # at all 3 x 4 cells
+    logits = np.asarray(jnp.einsum("bihd,bjhd->bhij", rotate_2d(q, frequencies, 4), rotate_2d(k, frequencies, 4)))
+    same_offset = [(0, 5), (1, 6), (2, 7), (6, 11)]  # (dy, dx) = (1, 1)
+    np.testing.assert_allclose([logits[0, :, i, j] for i, j in same_offset], [logits[0, :, 0, 5]] * 4, atol=1e-5)
+    assert np.abs(logits[0, :, 0, 5] - logits[0, :, 0, 1]).max() > 1e-2  # (1, 1) against (0, 1)
+    np.testing.assert_array_equal(np.asarray(rotate_2d(q, jnp.zeros_like(frequencies), 4)), np.asarray(q))
+
+    rotary = FirstFrameAttention(32, 2, 16, rotary=True, rngs=nnx.Rngs(0))
+    plain = FirstFrameAttention(32, 2, 16, rngs=nnx.Rngs(0))
+    for module in (rotary, plain):  # the branch's output projection starts at zero: make it count
+        module.to_out_ff.kernel.set_value(jax.random.normal(jax.random.key(4), module.to_out_ff.kernel.shape))
+    x = jax.random.normal(jax.random.key(3), (4, 12, 32))  # 2 clips of 2 frames, 3 x 4 tokens
+    np.testing.assert_array_equal(np.asarray(rotary(x, clips=2, width=4)), np.asarray(plain(x, clips=2)))
+    rotary.rotary_frequencies.set_value(frequencies)
+    assert float(jnp.abs(rotary(x, clips=2, width=4) - plain(x, clips=2)).max()) > 1e-2
+    with pytest.raises(ValueError, match="width"):
+        rotary(x, clips=2)
+    with pytest.raises(ValueError, match="divides by 4"):
+        FirstFrameAttention(36, 2, 18, rotary=True, rngs=nnx.Rngs(0))
+    cfg = load_config(SPEC).unet
+    cfg.update(first_frame_rotary=True, first_frame_attention=False)
+    with pytest.raises(ValueError, match="needs first_frame_attention=True"):
+        UNet3D(cfg, rngs=InitKeys(0))
 
 
 def test_frame_prior_with_p_1_at_the_last_timestep_is_plain_noising():

@@ -25,7 +25,7 @@ from flax import nnx
 
 from vdjax.convert.readers import CheckpointError
 from vdjax.convert.sources import PARTS, abstract_part
-from vdjax.models.unet3d import with_first_frame_concat
+from vdjax.models.unet3d import ADDABLE, with_added_options
 
 
 def part_summary(model: nnx.Module) -> dict:
@@ -87,9 +87,9 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
     """(config, {part: model}) with each parameter restored straight into `shardings_for(abstract)`'s sharding.
 
     The parts are built as the folder's config.json says, or as `config` says where one is given (a training run's
-    --config, which may change what does not change a parameter's shape, or add unet.first_frame_concat: its new
-    input channels start at zero); a part whose parameters then differ from the folder's raises CheckpointError
-    naming them."""
+    --config, which may change what does not change a parameter's shape, or add unet.first_frame_concat or
+    unet.first_frame_rotary: what they add starts at zero); a part whose parameters then differ from the folder's
+    raises CheckpointError naming them."""
     saved_config = load_config(folder)
     _tuples(saved_config)
     if config is None:
@@ -102,13 +102,14 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
         path = os.path.join(os.path.abspath(folder), part)
         if not os.path.isdir(path):
             continue
-        # A UNet saved without first_frame_concat loads into a config with it: widened after restoring
-        widen = (part == "unet" and config.unet.get("first_frame_concat", False)
-                 and not saved_config.unet.get("first_frame_concat", False))
+        # A UNet saved without first_frame_concat or first_frame_rotary loads into a config with them: restored as
+        # saved, then given them (starting as it was)
+        added = [key for key in ADDABLE if part == "unet" and config.unet.get(key, False)
+                 and not saved_config.unet.get(key, False)]
         part_config = config
-        if widen:
+        if added:
             part_config = config.copy_and_resolve_references()
-            part_config.unet.first_frame_concat = False
+            part_config.unet.update({key: False for key in added})
         abstract = abstract_part(part, part_config)
         if config is not saved_config:
             _check_shapes(part, abstract, abstract_part(part, saved_config), folder)
@@ -127,8 +128,8 @@ def load(folder: str, *, parts=None, shardings_for=None, config=None) -> tuple[m
                                   "checkpoint is incomplete or was written for another config.") from e
         nnx.replace_by_pure_dict(state, restored)
         models[part] = nnx.merge(graphdef, state)
-        if widen:
-            models[part] = with_first_frame_concat(models[part], config.unet)
+        if added:
+            models[part] = with_added_options(models[part], config.unet)
     return config, models
 
 

@@ -344,29 +344,59 @@ class DecoupledCrossAttention(Attention):
         return self.to_out(out.reshape(*out.shape[:-2], -1))
 
 
+def rotate_2d(x: jax.Array, frequencies: jax.Array, width: int) -> jax.Array:
+    """Rotary positions on a grid: x (..., tokens, heads, head_dim), tokens in row-major order of rows `width` long;
+    frequencies (2, heads, head_dim // 4): each head's angles per row and per column. The first half of each head's
+    channel pairs turns by row * frequency, the second half by column * frequency, so that the logit of a rotated
+    query and key depends on their offset (dy, dx), not on where they are."""
+    tokens, heads, head_dim = x.shape[-3:]
+    row, column = jnp.divmod(jnp.arange(tokens), width)
+    angles = jnp.concatenate([row[:, None, None] * frequencies[0], column[:, None, None] * frequencies[1]], axis=-1)
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)  # (tokens, heads, head_dim // 2)
+    pairs = x.reshape(*x.shape[:-1], head_dim // 2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    return jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+
+
 class FirstFrameAttention(Attention):
     """I2V-Adapter's spatial self-attention: the ordinary per-frame self-attention, plus a first-frame branch in
     which every frame's tokens query (own `to_q_ff`) the keys and values of its clip's first frame (the frozen
-    to_k/to_v), projected by its own `to_out_ff` (zero at init, so an adapted model starts as the base) and added."""
+    to_k/to_v), projected by its own `to_out_ff` (zero at init, so an adapted model starts as the base) and added.
 
-    def __init__(self, query_dim: int, heads: int, head_dim: int, *, impl: str = "auto", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    `rotary=True` (not in I2V-Adapter): that branch's queries and keys also turn by learned 2-D rotary frequencies
+    (`rotate_2d`), zero at init (no turn: the model starts as without them). Spatial attention has no positions
+    otherwise, so the branch can find a shape in frame 0 by what it is but not by where it is relative to the
+    query; with them a head can learn to look a given offset away, which is how a shape moves across frames."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, *, rotary: bool = False, impl: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(query_dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
         inner = heads * head_dim
         self.to_q_ff = dense(query_dim, inner, (EMBED, HEADS), use_bias=False, dtype=dtype, rngs=rngs)
         self.to_out_ff = dense(inner, query_dim, (HEADS, EMBED), zero_init=True, dtype=dtype, rngs=rngs)
+        if rotary and head_dim % 4:
+            raise ValueError(f"rotary first-frame attention needs heads whose width divides by 4 (a pair of "
+                             f"channels per angle, rows and columns); got {head_dim}")
+        self.rotary_frequencies = (nnx.Param(jnp.zeros((2, heads, head_dim // 4), jnp.float32),
+                                             **axis_names((None, None, None))) if rotary else None)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, causal: bool = False,
-                 clips: int | None = None) -> jax.Array:
-        """x: (B*F, T, dim), the frames of each clip adjacent; `clips` = B."""
+                 clips: int | None = None, width: int | None = None) -> jax.Array:
+        """x: (B*F, T, dim), the frames of each clip adjacent; `clips` = B; `width`: the tokens' rows (rotary)."""
         if context is not None or clips is None:
             raise ValueError("first-frame attention is a self-attention over (clips * frames, tokens, dim); pass clips")
         n, t, _ = x.shape
         k, v = self._split(self.to_k(x)), self._split(self.to_v(x))
         out = attention(self._split(self.to_q(x)), k, v, causal=causal, impl=self.impl)
         first = lambda a: a.reshape(clips, n // clips, *a.shape[1:])[:, 0]  # (B, T, heads, head_dim)
-        q_ff = self._split(self.to_q_ff(x)).reshape(clips, -1, self.heads, k.shape[-1])  # all frames' queries
-        out_ff = attention(q_ff, first(k), first(v), impl=self.impl).reshape(n, t, -1)
+        q_ff, k_ff = self._split(self.to_q_ff(x)), first(k)
+        if self.rotary_frequencies is not None:
+            if width is None or t % width:
+                raise ValueError(f"rotary first-frame attention needs the token grid's width (rows of {t} tokens)")
+            frequencies = self.rotary_frequencies[...]
+            q_ff, k_ff = rotate_2d(q_ff, frequencies, width), rotate_2d(k_ff, frequencies, width)
+        q_ff = q_ff.reshape(clips, -1, self.heads, k.shape[-1])  # all frames' queries
+        out_ff = attention(q_ff, k_ff, first(v), impl=self.impl).reshape(n, t, -1)
         return self.to_out(out.reshape(n, t, -1)) + self.to_out_ff(out_ff)
 
 

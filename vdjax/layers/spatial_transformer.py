@@ -30,17 +30,20 @@ class BasicTransformerBlock(nnx.Module):
     `image_split`: the cross-attention is decoupled into text and image tokens (see `DecoupledCrossAttention`):
     `{'text_tokens': 77}` as VideoCrafter's I2V model, `{'image_tokens': n}` as IP-Adapter; with
     `'adaptive': (alpha1, alpha2)` MagDiff's learnable weights (`AdaptivePromptsAttention`). `first_frame`: the
-    self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`). `temporal`: MagDiff's released
+    self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`; `rotary`: with learned 2-D rotary
+    positions in it). `temporal`: MagDiff's released
     block (videoassembler, after Tune-A-Video) with a temporal self-attention over each token's frames between the
     cross-attention and the feed-forward (`temp_norm`, `temp_attn`; its output projection starts at zero), and
     with `frame_positions` a sinusoid over the frames added to the stream before it."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_split: dict | None = None,
-                 image_scale: float = 1.0, first_frame: bool = False, temporal: bool = False,
+                 image_scale: float = 1.0, first_frame: bool = False, rotary: bool = False, temporal: bool = False,
                  frame_positions: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-        self.attn1 = (FirstFrameAttention if first_frame else Attention)(dim, heads, head_dim, impl=impl, dtype=dtype,
-                                                                         rngs=rngs)
+        if first_frame:
+            self.attn1 = FirstFrameAttention(dim, heads, head_dim, rotary=rotary, impl=impl, dtype=dtype, rngs=rngs)
+        else:
+            self.attn1 = Attention(dim, heads, head_dim, impl=impl, dtype=dtype, rngs=rngs)
         self.first_frame = first_frame
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
         if image_split and "adaptive" in image_split:
@@ -74,12 +77,13 @@ class BasicTransformerBlock(nnx.Module):
             h = h.reshape(n // frames, tokens, frames, dim).transpose(0, 2, 1, 3)
         return h.reshape(x.shape)
 
-    def __call__(self, x: jax.Array, context: jax.Array, *, num_frames: int | None = None) -> jax.Array:
-        """x: (B*F, T, dim) tokens of each frame; context: (B, S, context_dim), one per clip (or one per frame,
-        then give `num_frames` for the first-frame and temporal attentions' clips)."""
+    def __call__(self, x: jax.Array, context: jax.Array, *, num_frames: int | None = None,
+                 width: int | None = None) -> jax.Array:
+        """x: (B*F, T, dim) tokens of each frame (rows `width` tokens long); context: (B, S, context_dim), one per
+        clip (or one per frame, then give `num_frames` for the first-frame and temporal attentions' clips)."""
         clips = context.shape[0]
         if self.first_frame:
-            x = x + self.attn1(self.norm1(x), clips=x.shape[0] // num_frames if num_frames else clips)
+            x = x + self.attn1(self.norm1(x), clips=x.shape[0] // num_frames if num_frames else clips, width=width)
         else:
             x = x + self.attn1(self.norm1(x))
         # Cross-attention queries of all frames of a clip share its context: attend per clip, so that the
@@ -96,8 +100,8 @@ class SpatialTransformer(nnx.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, *, num_layers: int = 1, groups: int = 32,
                  use_linear_projection: bool = False, image_split: dict | None = None, image_scale: float = 1.0,
-                 first_frame: bool = False, temporal: bool = False, frame_positions: bool = False,
-                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 first_frame: bool = False, rotary: bool = False, temporal: bool = False,
+                 frame_positions: bool = False, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         if channels % heads:
             raise ValueError(f"spatial transformer: {channels} channels do not split into {heads} heads")
         self.use_linear_projection = use_linear_projection
@@ -107,7 +111,7 @@ class SpatialTransformer(nnx.Module):
         self.proj_in = project()
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(channels, heads, channels // heads, context_dim, image_split=image_split,
-                                  image_scale=image_scale, first_frame=first_frame, temporal=temporal,
+                                  image_scale=image_scale, first_frame=first_frame, rotary=rotary, temporal=temporal,
                                   frame_positions=frame_positions, impl=impl, dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
         self.proj_out = project()
@@ -117,5 +121,5 @@ class SpatialTransformer(nnx.Module):
         n, hgt, wid, c = x.shape
         h = self.proj_in(self.norm(x)).reshape(n, hgt * wid, c)  # a 1x1 conv and a linear act alike here
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, width=wid)
         return x + self.proj_out(h.reshape(n, hgt, wid, c))

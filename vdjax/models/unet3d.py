@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
         # in_channels more input channels of conv_in, zero-initialised (a model widened from one without them
         # starts as it was); what pixel-aligned conditioning (VideoCrafter2/DynamiCrafter-style concat) gives.
         first_frame_concat=False,
+        # I2V (first_frame_attention): learned 2-D rotary positions in the first-frame branch, zero at init (not in
+        # I2V-Adapter; see vdjax.layers.attention.FirstFrameAttention): looking a given offset away in frame 0.
+        first_frame_rotary=False,
         fps_conditioning=False,  # VideoCrafter: fps through the sinusoid and its own MLP, added to temb
         init_attention=False,  # VideoCrafter's init_attn: a temporal transformer right after conv_in
         init_attention_heads=8,
@@ -111,6 +114,9 @@ def check_config(cfg) -> None:
         if _get(cfg, key) == value:
             raise NotImplementedError(f"unet config: {key}={value!r} is declared but not built yet; "
                                       f"it arrives with issue {issue}.")
+    if cfg.get("first_frame_rotary", False) and not cfg.first_frame_attention:
+        raise ValueError("unet config: first_frame_rotary turns the first-frame attention's queries and keys; it "
+                         "needs first_frame_attention=True")
     if cfg.first_frame_concat and not cfg.first_frame_attention:
         raise ValueError("unet config: first_frame_concat reads frame 0 as the clean input frame, which only an I2V "
                          "UNet with first_frame_attention=True (its sampler holds frame 0) has; set both or neither")
@@ -188,6 +194,7 @@ def _transformers(cfg, ch, level, n, dtype, rngs):
                                         use_linear_projection=cfg.use_linear_projection,
                                         image_split=_image_split(cfg), image_scale=cfg.image_attention_scale,
                                         first_frame=cfg.first_frame_attention,
+                                        rotary=cfg.get("first_frame_rotary", False),
                                         temporal=cfg.motion.kind == "videoassembler",
                                         frame_positions=cfg.motion.frame_positions, impl=cfg.attention_impl,
                                         dtype=dtype, rngs=rngs) for _ in range(n)])
@@ -254,17 +261,24 @@ def abstract_unet(config: Any) -> "UNet3D":
     return nnx.eval_shape(lambda: UNet3D(config, rngs=InitKeys(0)))
 
 
-def with_first_frame_concat(unet: "UNet3D", config: Any) -> "UNet3D":
-    """`unet` (no first_frame_concat) as the UNet `config` describes (the same but with it): the same weights, the
-    frame-0 input channels of conv_in at zero, so the new model computes exactly what `unet` did."""
+ADDABLE = ("first_frame_concat", "first_frame_rotary")  # options a saved UNet can gain, starting as it was
+
+
+def with_added_options(unet: "UNet3D", config: Any) -> "UNet3D":
+    """`unet` as the UNet `config` describes: the same but with some of ADDABLE switched on. The same weights; what
+    is new starts at zero (conv_in's frame-0 input channels, the rotary frequencies), so the new model computes
+    exactly what `unet` did."""
     model = abstract_unet(config)
     old = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
     state = nnx.state(model, nnx.Param)
     c = config.in_channels
     for path, var in nnx.to_flat_state(state):
+        if path not in old:  # a new parameter (the rotary frequencies)
+            var.set_value(jnp.zeros(var.shape, var.dtype))
+            continue
         value = old[path].get_value()
-        if path == ("conv_in", "kernel"):  # input channels: the sample's, then frame 0's (new), then a subject's
-            zeros = jnp.zeros((*value.shape[:2], c, value.shape[3]), value.dtype)
+        if value.shape != var.shape and path == ("conv_in", "kernel"):  # input channels: the sample's, then frame
+            zeros = jnp.zeros((*value.shape[:2], c, value.shape[3]), value.dtype)  # 0's (new), then a subject's
             value = jnp.concatenate([value[:, :, :c], zeros, value[:, :, c:]], axis=2)
         var.set_value(value)
     nnx.update(model, state)
