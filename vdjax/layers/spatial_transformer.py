@@ -31,10 +31,10 @@ class BasicTransformerBlock(nnx.Module):
     `{'text_tokens': 77}` as VideoCrafter's I2V model, `{'image_tokens': n}` as IP-Adapter; with
     `'adaptive': (alpha1, alpha2)` MagDiff's learnable weights (`AdaptivePromptsAttention`). `first_frame`: the
     self-attention gets I2V-Adapter's first-frame branch (`FirstFrameAttention`; `rotary`: with learned 2-D rotary
-    positions in it). `temporal`: MagDiff's released
-    block (videoassembler, after Tune-A-Video) with a temporal self-attention over each token's frames between the
-    cross-attention and the feed-forward (`temp_norm`, `temp_attn`; its output projection starts at zero), and
-    with `frame_positions` a sinusoid over the frames added to the stream before it."""
+    positions in it). `temporal`: MagDiff's released block (videoassembler, after Tune-A-Video) with a temporal
+    self-attention over each token's frames between the cross-attention and the feed-forward (`temp_norm`,
+    `temp_attn`; its output projection starts at zero), and with `frame_positions` a sinusoid over the frames added
+    to the stream before it."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, image_split: dict | None = None,
                  image_scale: float = 1.0, first_frame: bool = False, rotary: bool = False, temporal: bool = False,
