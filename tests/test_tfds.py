@@ -46,6 +46,21 @@ def test_moving_shapes_reads_back_exactly(tiny):
         source[len(source)]
 
 
+def test_moving_shapes_by_kind_config_stores_that_motion(tmp_path):
+    """Config tiny_by_kind: make_clip(i, motion='by_kind'), not the random-motion clips (same first frames)."""
+    config = MovingShapesBuilder.builder_configs["tiny_by_kind"]
+    source = PreparedDataset(prepare("moving_shapes", config="tiny_by_kind", data_dir=str(tmp_path)))
+    assert len(source) == config.num_examples
+    moved = False
+    for i in range(len(source)):
+        want = make_clip(i, num_frames=config.num_frames, size=config.size, seed=config.seed, motion="by_kind")
+        random = make_clip(i, num_frames=config.num_frames, size=config.size, seed=config.seed)
+        np.testing.assert_array_equal(source[i]["video"], want["video"])
+        assert source[i]["caption"] == want["caption"]
+        moved |= not np.array_equal(want["video"], random["video"])
+    assert moved
+
+
 def test_pipeline_over_prepared_equals_pipeline_over_clips(tiny):
     prepared = list(make_dataset(PreparedDataset(tiny), num_epochs=1, frame_stride=2, **SMALL))
     on_the_fly = list(make_dataset(MovingShapes(TINY.num_examples, num_frames=TINY.num_frames, size=TINY.size),
@@ -116,7 +131,7 @@ def test_video_folder_errors(tmp_path):
         prepare("video_folder", data_dir=str(tmp_path / "tfds"))
     with pytest.raises(ValueError, match="unknown dataset 'shapes'; choose one of moving_shapes, video_folder"):
         prepare("shapes", data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(ValueError, match="moving_shapes has the configs tiny, default; got config 'huge'"):
+    with pytest.raises(ValueError, match="moving_shapes has the configs tiny, tiny_by_kind, default; got config 'huge'"):
         prepare("moving_shapes", config="huge", data_dir=str(tmp_path / "tfds"))
     (empty / "bad.mp4").write_bytes(b"not a video")
     (empty / "captions.csv").write_text("video,caption\nbad.mp4,broken\n")

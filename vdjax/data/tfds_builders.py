@@ -7,7 +7,8 @@ Prepare once (the command prints the folder to read from):
 
 then train from it: `make_dataset(PreparedDataset("DIR/moving_shapes/tiny/1.0.0"), batch_size=..., ...)`.
 
-- `moving_shapes` stores `make_clip(i, ...)` as example i (configs `tiny` and `default`, see `MovingShapesConfig`).
+- `moving_shapes` stores `make_clip(i, ...)` as example i (configs `tiny`, `tiny_by_kind` and `default`, see
+  `MovingShapesConfig`).
 - `video_folder` stores a user's folder of videos + captions file (the layout `VideoFolder` reads) given as TFDS's
   manual dir. Videos that fail to decode are skipped, counted in a warning and listed in the prepared dataset's
   metadata (`PreparedDataset(...).metadata["skipped"]`). One data_dir holds one prepared folder (`prepare` refuses
@@ -73,15 +74,18 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
     num_frames: int = 16
     size: int = 64
     seed: int = 0
+    motion: str = "random"  # moving_shapes' MOTIONS: 'by_kind' moves each shape kind its own way
 
 
 class MovingShapesBuilder(_Builder):
-    """Example i is `make_clip(i, num_frames, size, seed)` of the config, in order."""
+    """Example i is `make_clip(i, num_frames, size, seed, motion)` of the config, in order."""
 
     name = "moving_shapes"
     BUILDER_CONFIGS = [
         MovingShapesConfig(name="tiny", num_examples=8, num_frames=8, size=32,
                            description="8 clips of 8 frames at 32x32: tests and demos."),
+        MovingShapesConfig(name="tiny_by_kind", num_examples=8, num_frames=8, size=32, motion="by_kind",
+                           description="tiny, with squares moving right, circles down, triangles left."),
         MovingShapesConfig(name="default", description="1000 clips of 16 frames at 64x64 (MovingShapes' defaults)."),
     ]
     DEFAULT_CONFIG_NAME = "default"
@@ -99,7 +103,7 @@ class MovingShapesBuilder(_Builder):
     def _generate_examples(self):
         c = self.builder_config
         for i in range(c.num_examples):
-            clip = make_clip(i, num_frames=c.num_frames, size=c.size, seed=c.seed)
+            clip = make_clip(i, num_frames=c.num_frames, size=c.size, seed=c.seed, motion=c.motion)
             yield i, {"video": clip["video"], "mask": clip["mask"], "caption": clip["caption"]}
 
 
