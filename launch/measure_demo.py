@@ -11,7 +11,7 @@ assets/demo/README.md's numbers come from here.
     python launch/measure_demo.py --clips=32 --seeds=4              # each clip with 4 sampling seeds
 
 One seed's mean over 32 clips moves by several hundredths of consistency and about a pixel of motion from seed to
-seed (the shipped weights, seeds 0-4: consistency 0.60-0.70, motion 3.8-5.8 px), so compare models over several
+seed (the shipped weights, seeds 0-4: consistency 0.60-0.70, motion 3.5-5.6 px), so compare models over several
 seeds: `--seeds=N` samples every clip with config.sample.seed, +1, ..., +N-1, prints each clip's mean over them, and
 the spread of the per-seed means.
 
@@ -99,6 +99,7 @@ def main(argv):
             values = ", ".join(f"{v:.2f}" for v in seed_means[:, column])
             print(f"per seed, {name}{unit}: {values} (min-max {spread[0][column]:.2f}-"
                   f"{spread[1][column]:.2f})")
+
 
 if __name__ == "__main__":
     app.run(main)

@@ -54,10 +54,10 @@ def test_moving_shapes_by_kind_config_stores_that_motion(tmp_path):
     moved = False
     for i in range(len(source)):
         want = make_clip(i, num_frames=config.num_frames, size=config.size, seed=config.seed, motion="by_kind")
-        random = make_clip(i, num_frames=config.num_frames, size=config.size, seed=config.seed)
+        drawn = make_clip(i, num_frames=config.num_frames, size=config.size, seed=config.seed)  # random motion
         np.testing.assert_array_equal(source[i]["video"], want["video"])
         assert source[i]["caption"] == want["caption"]
-        moved |= not np.array_equal(want["video"], random["video"])
+        moved |= not np.array_equal(want["video"], drawn["video"])
     assert moved
 
 
@@ -131,7 +131,8 @@ def test_video_folder_errors(tmp_path):
         prepare("video_folder", data_dir=str(tmp_path / "tfds"))
     with pytest.raises(ValueError, match="unknown dataset 'shapes'; choose one of moving_shapes, video_folder"):
         prepare("shapes", data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(ValueError, match="moving_shapes has the configs tiny, tiny_by_kind, default; got config 'huge'"):
+    with pytest.raises(ValueError,
+                       match="moving_shapes has the configs tiny, tiny_by_kind, default; got config 'huge'"):
         prepare("moving_shapes", config="huge", data_dir=str(tmp_path / "tfds"))
     (empty / "bad.mp4").write_bytes(b"not a video")
     (empty / "captions.csv").write_text("video,caption\nbad.mp4,broken\n")
