@@ -114,7 +114,7 @@ def check_config(cfg) -> None:
         if _get(cfg, key) == value:
             raise NotImplementedError(f"unet config: {key}={value!r} is declared but not built yet; "
                                       f"it arrives with issue {issue}.")
-    if cfg.get("first_frame_rotary", False) and not cfg.first_frame_attention:
+    if cfg.first_frame_rotary and not cfg.first_frame_attention:
         raise ValueError("unet config: first_frame_rotary turns the first-frame attention's queries and keys; it "
                          "needs first_frame_attention=True")
     if cfg.first_frame_concat and not cfg.first_frame_attention:
@@ -194,7 +194,7 @@ def _transformers(cfg, ch, level, n, dtype, rngs):
                                         use_linear_projection=cfg.use_linear_projection,
                                         image_split=_image_split(cfg), image_scale=cfg.image_attention_scale,
                                         first_frame=cfg.first_frame_attention,
-                                        rotary=cfg.get("first_frame_rotary", False),
+                                        rotary=cfg.first_frame_rotary,
                                         temporal=cfg.motion.kind == "videoassembler",
                                         frame_positions=cfg.motion.frame_positions, impl=cfg.attention_impl,
                                         dtype=dtype, rngs=rngs) for _ in range(n)])
